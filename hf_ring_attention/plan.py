@@ -1,0 +1,146 @@
+"""Which sub-blocks each ring step computes (layouts and masks, no communication).
+
+A shard is a list of ``Segment``s: runs of consecutive global token indices.
+``zigzag`` (load-balanced causal): the sequence is cut into 2C equal chunks and ring rank
+r holds chunks r and 2C-1-r. ``contiguous``: rank r holds chunk r of C.
+
+Every query row p may attend the keys of one interval of global indices ``[lo(p), hi(p)]``:
+causal gives hi = p; a sliding window W gives lo = p - W + 1 (transformers' convention
+``kv_idx > q_idx - W``); packed documents clip both to p's document. So for a (query
+segment, key segment) pair the allowed set of each row is an interval, and the pair is
+skipped, computed in full, computed with the plain causal kernel (diagonal), or computed
+in row tiles with an explicit mask built from the intervals. Tiles narrow their key range
+to what their rows can see, so a sliding window or short documents cost little more than
+the allowed pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+LAYOUTS = ("zigzag", "contiguous")
+TILE_ROWS = 512  # query rows per masked tile: bounds the explicit mask at 512 x Sk
+
+
+@dataclass(frozen=True)
+class Segment:
+    local_start: int
+    length: int
+    global_start: int
+
+
+@dataclass
+class Task:
+    q: slice  # local query rows
+    k: slice  # rows of the source shard's K/V
+    kind: Literal["full", "causal", "masked"]
+    mask: torch.Tensor | None = None  # bool (len q, len k), True = attend
+
+
+def segments(layout: str, rank: int, world_size: int, local_len: int) -> list[Segment]:
+    """The global index runs held by ``rank`` for a local shard of ``local_len`` tokens."""
+    if layout == "zigzag":
+        n = local_len // 2
+        return [Segment(0, n, rank * n), Segment(n, n, (2 * world_size - 1 - rank) * n)]
+    if layout == "contiguous":
+        return [Segment(0, local_len, rank * local_len)]
+    raise ValueError(f"layout={layout!r} is not known; choose one of {LAYOUTS}")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What restricts attention: causality, a sliding window, document boundaries."""
+
+    causal: bool = True
+    window: int | None = None  # keys with q - k < window are kept (transformers' sliding_window)
+    cu_seqlens: tuple[int, ...] | None = None  # global document boundaries, 0 ... N
+
+    def bounds(self, pos: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Allowed key interval [lo, hi] (inclusive, global) of each query position ``pos``."""
+        lo = torch.zeros_like(pos)
+        hi = pos.clone() if self.causal else torch.full_like(pos, total - 1)
+        if self.window is not None:
+            lo = torch.clamp(pos - self.window + 1, min=0)
+        if self.cu_seqlens is not None:
+            cu = torch.tensor(self.cu_seqlens, dtype=pos.dtype)
+            doc = torch.searchsorted(cu, pos, right=True) - 1
+            lo = torch.maximum(lo, cu[doc])
+            hi = torch.minimum(hi, cu[doc + 1] - 1)
+        return lo, hi
+
+
+def _pair_tasks(qs: Segment, ks: Segment, lo: torch.Tensor, hi: torch.Tensor, spec: MaskSpec,
+                tile_rows: int) -> list[Task]:
+    """Tasks for one (query segment, key segment) pair; lo/hi are the segment rows' bounds."""
+    k0, k1 = ks.global_start, ks.global_start + ks.length - 1
+    clo, chi = lo.clamp(min=k0), hi.clamp(max=k1)
+    q_sl = slice(qs.local_start, qs.local_start + qs.length)
+    k_sl = slice(ks.local_start, ks.local_start + ks.length)
+    if not bool((clo <= chi).any()):
+        return []
+    if bool((lo <= k0).all()) and bool((hi >= k1).all()):
+        return [Task(q_sl, k_sl, "full")]
+    pos = torch.arange(qs.global_start, qs.global_start + qs.length)
+    if qs.global_start == k0 and qs.length == ks.length and bool((lo <= k0).all()) and bool((hi == pos).all()):
+        return [Task(q_sl, k_sl, "causal")]
+    tasks = []
+    for t0 in range(0, qs.length, tile_rows):
+        tlo, thi = clo[t0:t0 + tile_rows], chi[t0:t0 + tile_rows]
+        has = tlo <= thi
+        if not bool(has.any()):
+            continue
+        a, b = int(tlo[has].min()), int(thi[has].max())  # key range the tile can see
+        ksub = slice(ks.local_start + a - k0, ks.local_start + b - k0 + 1)
+        qsub = slice(qs.local_start + t0, qs.local_start + t0 + len(tlo))
+        if bool((tlo <= a).all()) and bool((thi >= b).all()):
+            tasks.append(Task(qsub, ksub, "full"))
+        else:
+            cols = torch.arange(a, b + 1)
+            tasks.append(Task(qsub, ksub, "masked", (cols >= tlo[:, None]) & (cols <= thi[:, None])))
+    return tasks
+
+
+def _merge_full(tasks: list[Task]) -> list[Task]:
+    """Fuse full tasks that are adjacent in q (same k) or in k (same q): fewer, larger calls."""
+    merged = True
+    while merged:
+        merged = False
+        for i, a in enumerate(tasks):
+            for j, b in enumerate(tasks):
+                if i == j or a.kind != "full" or b.kind != "full":
+                    continue
+                if a.k == b.k and a.q.stop == b.q.start:
+                    tasks[i] = Task(slice(a.q.start, b.q.stop), a.k, "full")
+                elif a.q == b.q and a.k.stop == b.k.start:
+                    tasks[i] = Task(a.q, slice(a.k.start, b.k.stop), "full")
+                else:
+                    continue
+                del tasks[j]
+                merged = True
+                break
+            if merged:
+                break
+    return tasks
+
+
+def step_tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int,
+               tile_rows: int = TILE_ROWS) -> list[Task]:
+    """The block computations of ``rank`` against the K/V shard of ``source``.
+
+    Plain zigzag causal gives the three cases of ring attention's load balancing:
+    source == rank: the causal local pair; source < rank: all queries against the first
+    half of K/V; source > rank: the second half of the queries against all of K/V.
+    """
+    total = local_len * world_size
+    q_segs = segments(layout, rank, world_size, local_len)
+    k_segs = segments(layout, source, world_size, local_len)
+    tasks: list[Task] = []
+    for qs in q_segs:
+        pos = torch.arange(qs.global_start, qs.global_start + qs.length)
+        lo, hi = spec.bounds(pos, total)
+        for ks in k_segs:
+            tasks += _pair_tasks(qs, ks, lo, hi, spec, tile_rows)
+    return _merge_full(tasks)
