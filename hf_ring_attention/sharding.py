@@ -54,3 +54,108 @@ def zigzag_unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None
     halves = [p.chunk(2, dim=dim) for p in parts]
     order = [h[0] for h in halves] + [h[1] for h in reversed(halves)]
     return torch.cat(order, dim=dim)
+
+
+IGNORE_INDEX = -100
+_SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
+
+
+def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token targets on the FULL sequence: target[i] = labels[i + 1], last = -100.
+
+    Where ``position_ids`` restart (packed documents: position i+1 does not follow
+    position i by 1), target[i] = -100: a document's first token is not the target of the
+    previous document's last token.
+
+    Shapes: labels (B, N); position_ids (B, N) or (1, N). Returns (B, N).
+    """
+    target = torch.full_like(labels, IGNORE_INDEX)
+    target[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        new_doc = torch.diff(position_ids.expand_as(labels), dim=-1) != 1  # (B, N - 1)
+        target[:, :-1] = target[:, :-1].masked_fill(new_doc, IGNORE_INDEX)
+    return target
+
+
+def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.Tensor | None = None,
+                pad_token_id: int = 0) -> dict:
+    """Shift labels on the full sequences, pad to a multiple of 2 * ring_size, zigzag-shard.
+
+    Args:
+        batch: full sequences of this ring: ``input_ids`` (B, N), optional ``labels`` (B, N)
+            (transformers convention: unshifted, -100 ignored), ``position_ids`` (B or 1, N;
+            default 0..N-1; restarts mark packed documents) and ``attention_mask`` (all ones, or
+            right padding, which becomes ignored labels).
+        groups: a ``RingGroups`` (default: one process, no sharding).
+        num_items_in_batch: the loss divisor. Default: valid targets of the whole global
+            batch (summed over data-parallel rings) / (dp_size * ring_size), so that DDP's
+            gradient average over all ranks equals the single-device update on the global batch.
+            Pass your own (e.g. counted over a gradient-accumulation window, the same way).
+        pad_token_id: token id used for the padding (its labels are ignored).
+
+    Returns:
+        A dict for ``model(**batch)``: ``input_ids``, ``position_ids`` (global positions of this
+        rank's tokens, for RoPE) and, with labels, ``labels`` and ``shift_labels`` (the shifted,
+        sharded targets) and ``num_items_in_batch``.
+
+    Raises:
+        ValueError: unknown keys, left padding, or shapes that do not match.
+    """
+    unknown = set(batch) - set(_SEQUENCE_KEYS)
+    if unknown:
+        raise ValueError(f"shard_batch does not know how to shard {sorted(unknown)}; it takes {_SEQUENCE_KEYS}")
+    ids = batch["input_ids"]
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(ids.shape)}")
+    b, n = ids.shape
+    pos = batch.get("position_ids")
+    pos = torch.arange(n, device=ids.device).unsqueeze(0) if pos is None else pos
+    if pos.dim() != 2 or pos.shape[-1] != n:
+        raise ValueError(f"position_ids must be (batch or 1, {n}); got {tuple(pos.shape)}")
+    labels = batch.get("labels")
+    target = None
+    if labels is not None:
+        if labels.shape != ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(ids.shape)}")
+        target = shift_labels(labels, pos)
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        valid = mask.bool()
+        if bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+            raise ValueError("attention_mask has left or inner padding; ring attention supports right padding "
+                             "only (or none): pack or right-pad the sequences")
+        if target is not None:  # right padding: pads are never attended by real tokens (causal)
+            target = target.masked_fill(~valid, IGNORE_INDEX)
+            target[:, :-1] = target[:, :-1].masked_fill(~valid[:, 1:], IGNORE_INDEX)
+
+    ring = 1 if groups is None else groups.ring_size
+    rank = 0 if groups is None else groups.ring_rank
+    pad = (-n) % (2 * ring)
+    if pad:  # padding goes at the end: causal attention keeps real tokens from seeing it
+        ids = torch.nn.functional.pad(ids, (0, pad), value=pad_token_id)
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+        if target is not None:
+            target = torch.nn.functional.pad(target, (0, pad), value=IGNORE_INDEX)
+
+    out = {"input_ids": zigzag_shard(ids, dim=1, rank=rank, world_size=ring),
+           "position_ids": zigzag_shard(pos, dim=1, rank=rank, world_size=ring)}
+    if target is not None:
+        if num_items_in_batch is None:
+            num_items_in_batch = global_loss_tokens(target, groups)
+        local = zigzag_shard(target, dim=1, rank=rank, world_size=ring)
+        out.update(labels=local, shift_labels=local, num_items_in_batch=num_items_in_batch)
+    return out
+
+
+def global_loss_tokens(targets: torch.Tensor, groups=None) -> torch.Tensor:
+    """Loss divisor for shifted ``targets`` of this ring's full batch (see ``shard_batch``).
+
+    Returns (valid targets summed over the data-parallel rings) / (dp_size * ring_size),
+    at least 1e-9 times that so an all-ignored batch gives loss 0 instead of NaN.
+    """
+    count = (targets != IGNORE_INDEX).sum().to(torch.float64)
+    if groups is not None and groups.dp_size > 1:
+        count = count.to(targets.device)
+        dist.all_reduce(count, group=groups.dp_group)
+    world = 1 if groups is None else groups.world_size
+    return torch.clamp(count, min=1.0) / world
