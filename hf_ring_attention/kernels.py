@@ -10,14 +10,16 @@ Shapes: q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA handled i
 with no True get ``lse = -inf`` and ``out = 0``. ``causal`` is the top-left aligned
 causal mask (query i sees keys 0..i), used for diagonal blocks.
 
-Kernels (``KERNELS``): ``cpu_flash`` (ATen's fused CPU flash kernel), ``cuda_flash``
-(ATen's CUDA flash kernel, fp16/bf16, no explicit mask), ``math`` (plain torch, any
+Kernels (``KERNELS``): ``cpu_flash`` (ATen's fused CPU flash kernel), ``flash_attn``
+(the flash-attn package, fp16/bf16 CUDA, chosen when importable), ``cuda_flash`` (ATen's
+CUDA flash kernel, fp16/bf16), ``math`` (plain torch, any
 dtype/device; materialises the (Sq, Sk) scores). ``select_kernel`` picks one.
 This module knows nothing about process groups.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -90,6 +92,40 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=N
     return dq, _reduce_kv(dk, g), _reduce_kv(dv, g)
 
 
+# ---------------------------------------------------------------------------- flash_attn
+# flash-attn >= 2.6 (Dao 2023): its private forward/backward take the final lse, as the
+# ring needs; layout (B, S, H, D); GQA native. Explicit masks go to the math kernel.
+def _flash_attn_forward(q, k, v, *, scale, causal=False, mask=None):
+    if mask is not None:
+        return _math_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+    from flash_attn.flash_attn_interface import _flash_attn_forward as fa_fwd
+
+    out, lse, _, _ = fa_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale, causal,
+                            -1, -1, 0.0, None, False)
+    return out.transpose(1, 2), lse
+
+
+def _flash_attn_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
+    if mask is not None:
+        return _math_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+    from flash_attn.flash_attn_interface import _flash_attn_backward as fa_bwd
+
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dq, dk, dv = torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(vt)
+    fa_bwd(dout.transpose(1, 2), qt, kt, vt, out.transpose(1, 2), lse.contiguous(), dq, dk, dv, 0.0, scale, causal,
+           -1, -1, 0.0, None, False)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_flash_attn() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------- math
 def _scores(q, k, scale, causal, mask):
     """Masked scaled scores in the compute dtype: (B, Hkv, G, Sq, Sk)."""
@@ -134,6 +170,7 @@ def _math_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
 KERNELS: dict[str, Kernel] = {
     "cpu_flash": Kernel(_cpu_flash_forward, _cpu_flash_backward),
     "cuda_flash": Kernel(_cuda_flash_forward, _cuda_flash_backward),
+    "flash_attn": Kernel(_flash_attn_forward, _flash_attn_backward),
     "math": Kernel(_math_forward, _math_backward),
 }
 
@@ -148,15 +185,16 @@ def select_kernel(q: torch.Tensor, name: str | None = None) -> Kernel:
         if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             name = "cpu_flash"
         elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-            name = "cuda_flash"
+            name = "flash_attn" if _has_flash_attn() else "cuda_flash"
         else:
             name = "math"
     if name not in KERNELS:
         raise ValueError(f"kernel={name!r} is not known; choose one of {['auto', *KERNELS]}")
     if name == "cpu_flash" and q.device.type != "cpu":
         raise ValueError(f"kernel='cpu_flash' needs CPU tensors, got {q.device}; use kernel='auto'")
-    if name == "cuda_flash" and (q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16)):
-        raise ValueError(f"kernel='cuda_flash' needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; "
+    if name in ("cuda_flash", "flash_attn") and (q.device.type != "cuda" or
+                                                 q.dtype not in (torch.float16, torch.bfloat16)):
+        raise ValueError(f"kernel={name!r} needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; "
                          "use kernel='auto'")
     return KERNELS[name]
 

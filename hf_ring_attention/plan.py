@@ -37,7 +37,17 @@ class Task:
     q: slice  # local query rows
     k: slice  # rows of the source shard's K/V
     kind: Literal["full", "causal", "masked"]
-    mask: torch.Tensor | None = None  # bool (len q, len k), True = attend
+    # For "masked": each row's allowed key interval [lo, hi], as offsets into the k slice.
+    # Plans are cached, so we keep these O(rows) bounds and build the mask on use.
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def mask(self) -> torch.Tensor | None:
+        """bool (len q, len k), True = attend; None unless kind == "masked"."""
+        if self.bounds is None:
+            return None
+        lo, hi = self.bounds
+        cols = torch.arange(self.k.stop - self.k.start)
+        return (cols >= lo[:, None]) & (cols <= hi[:, None])
 
 
 def segments(layout: str, rank: int, world_size: int, local_len: int) -> list[Segment]:
@@ -98,8 +108,7 @@ def _pair_tasks(qs: Segment, ks: Segment, lo: torch.Tensor, hi: torch.Tensor, sp
         if bool((tlo <= a).all()) and bool((thi >= b).all()):
             tasks.append(Task(qsub, ksub, "full"))
         else:
-            cols = torch.arange(a, b + 1)
-            tasks.append(Task(qsub, ksub, "masked", (cols >= tlo[:, None]) & (cols <= thi[:, None])))
+            tasks.append(Task(qsub, ksub, "masked", (tlo - a, thi - a)))
     return tasks
 
 

@@ -36,7 +36,7 @@ class RingConfig:
     kernel: Kernel
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def _tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int) -> tuple[Task, ...]:
     # Plans depend only on these; layers of a model reuse them.
     return tuple(step_tasks(spec, layout, rank, source, world_size, local_len))
@@ -58,7 +58,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingCon
             nxt = comm.send_recv([k, v])  # overlap: next shard travels while we compute
         for t in _tasks(cfg.spec, cfg.layout, r, (r - step) % c, c, s_local):
             bo, bl = cfg.kernel.forward(_rows(q, t.q), _rows(k, t.k), _rows(v, t.k), scale=cfg.scale,
-                                        causal=t.kind == "causal", mask=_dev(t.mask, q))
+                                        causal=t.kind == "causal", mask=_dev(t.mask(), q))
             merge_(_rows(out, t.q), _rows(lse, t.q), bo, bl)
         if step + 1 < c:
             comm.wait()
@@ -84,7 +84,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             dkv_comm.wait()  # the accumulators of the shard we now hold, from rank r-1
             dk, dv = dkv_recv
         for t in _tasks(cfg.spec, cfg.layout, r, (r - step) % c, c, s_local):
-            kb, vb, mask = _rows(k, t.k), _rows(v, t.k), _dev(t.mask, q)
+            kb, vb, mask = _rows(k, t.k), _rows(v, t.k), _dev(t.mask(), q)
             pieces = [t.q] if t.kind != "full" else [
                 slice(a, min(a + BWD_Q_ROWS, t.q.stop)) for a in range(t.q.start, t.q.stop, BWD_Q_ROWS)]
             for qs in pieces:

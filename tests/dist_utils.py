@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, threads):
+def _worker(rank, world_size, port, fn, args, queue, threads, backend):
     import torch
     import torch.distributed as dist
 
@@ -33,7 +33,9 @@ def _worker(rank, world_size, port, fn, args, queue, threads):
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     try:
         # A rank that dies leaves its peers blocked; this timeout turns that into an error.
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
         result = fn(rank, world_size, *args)
         queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
@@ -43,11 +45,11 @@ def _worker(rank, world_size, port, fn, args, queue, threads):
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300, threads: int = 1) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 300, threads: int = 1, backend: str = "gloo") -> list:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, threads), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, threads, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
