@@ -100,8 +100,14 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         raise ValueError(f"query length {query.shape[2]} != key length {key.shape[2]}: a KV cache is in use. "
                          "Ring attention runs without a cache: call the model with use_cache=False, or "
                          "remove_ring_attention(model) before generate()")
-    docs = state.document_bounds(kwargs.get("position_ids"), query.shape[0])
-    common = dict(group=state.group, causal=True, scale=scaling, layout=state.layout,
+    layout = state.layout
+    docs = kwargs.get("ring_documents")  # from shard_batch: per-row boundaries, per-document zigzag
+    if docs is not None:
+        layout = "zigzag_docs"
+        docs = [list(d) for d in docs]
+    else:
+        docs = state.document_bounds(kwargs.get("position_ids"), query.shape[0])
+    common = dict(group=state.group, causal=True, scale=scaling, layout=layout,
                   sliding_window=sliding_window, kernel=state.kernel)
     if all(d == docs[0] for d in docs):
         out = ring_attention(query, key, value, cu_seqlens=docs[0], **common)

@@ -3,6 +3,10 @@
 A shard is a list of ``Segment``s: runs of consecutive global token indices.
 ``zigzag`` (load-balanced causal): the sequence is cut into 2C equal chunks and ring rank
 r holds chunks r and 2C-1-r. ``contiguous``: rank r holds chunk r of C.
+``zigzag_docs`` (packed documents): the zigzag cut applied to every document on its own
+(each document's length a multiple of 2C), so every rank does the same causal work for
+every document, whatever the mix of document lengths; a rank's shard is, document after
+document, chunks r and 2C-1-r of that document.
 
 Every query row p may attend the keys of one interval of global indices ``[lo(p), hi(p)]``:
 causal gives hi = p; a sliding window W gives lo = p - W + 1 (transformers' convention
@@ -21,7 +25,7 @@ from typing import Literal
 
 import torch
 
-LAYOUTS = ("zigzag", "contiguous")
+LAYOUTS = ("zigzag", "contiguous", "zigzag_docs")
 TILE_ROWS = 512  # query rows per masked tile: bounds the explicit mask at 512 x Sk
 
 
@@ -30,6 +34,7 @@ class Segment:
     local_start: int
     length: int
     global_start: int
+    doc: int = -1  # document index for zigzag_docs (segments of different documents never interact)
 
 
 @dataclass
@@ -50,8 +55,16 @@ class Task:
         return (cols >= lo[:, None]) & (cols <= hi[:, None])
 
 
-def segments(layout: str, rank: int, world_size: int, local_len: int) -> list[Segment]:
+def segments(layout: str, rank: int, world_size: int, local_len: int,
+             cu_seqlens: tuple[int, ...] | None = None) -> list[Segment]:
     """The global index runs held by ``rank`` for a local shard of ``local_len`` tokens."""
+    if layout == "zigzag_docs":
+        segs, local = [], 0
+        for d, (a, b) in enumerate(zip(cu_seqlens, cu_seqlens[1:])):
+            n = (b - a) // (2 * world_size)
+            segs += [Segment(local, n, a + rank * n, d), Segment(local + n, n, a + (2 * world_size - 1 - rank) * n, d)]
+            local += 2 * n
+        return segs
     if layout == "zigzag":
         n = local_len // 2
         return [Segment(0, n, rank * n), Segment(n, n, (2 * world_size - 1 - rank) * n)]
@@ -144,12 +157,13 @@ def step_tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: 
     half of K/V; source > rank: the second half of the queries against all of K/V.
     """
     total = local_len * world_size
-    q_segs = segments(layout, rank, world_size, local_len)
-    k_segs = segments(layout, source, world_size, local_len)
+    q_segs = segments(layout, rank, world_size, local_len, spec.cu_seqlens)
+    k_segs = segments(layout, source, world_size, local_len, spec.cu_seqlens)
     tasks: list[Task] = []
     for qs in q_segs:
         pos = torch.arange(qs.global_start, qs.global_start + qs.length)
         lo, hi = spec.bounds(pos, total)
         for ks in k_segs:
-            tasks += _pair_tasks(qs, ks, lo, hi, spec, tile_rows)
+            if ks.doc == qs.doc and ks.length and qs.length:  # documents never see each other
+                tasks += _pair_tasks(qs, ks, lo, hi, spec, tile_rows)
     return _merge_full(tasks)

@@ -138,7 +138,8 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         group: the ring's ProcessGroup (default: the world group; no process group: ring size 1).
         causal: causal attention over global positions.
         scale: softmax scale (default 1/sqrt(D)).
-        layout: "zigzag" (load-balanced causal) or "contiguous".
+        layout: "zigzag" (load-balanced causal), "contiguous", or "zigzag_docs" (zigzag
+            within every document of ``cu_seqlens``: balanced for any mix of document lengths).
         sliding_window: keep keys with q_idx - kv_idx < sliding_window (causal only).
         cu_seqlens: global document boundaries (0, ..., N) of packed sequences (same for the
             whole batch): queries attend only within their document.
@@ -158,8 +159,14 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     _check_local(query, key, value, layout, causal, sliding_window)
     _check_across_ranks(query, key, group, world)
     b, hq, s_local, d = query.shape
-    spec = MaskSpec(causal=causal, window=None if sliding_window is None else int(sliding_window),
-                    cu_seqlens=_check_cu_seqlens(cu_seqlens, s_local * world))
+    cu = _check_cu_seqlens(cu_seqlens, s_local * world)
+    if layout == "zigzag_docs":
+        bad = [b - a for a, b in zip(cu or (), (cu or ())[1:]) if (b - a) % (2 * world)]
+        if cu is None or bad:
+            raise ValueError(f"layout='zigzag_docs' needs cu_seqlens whose document lengths are multiples of "
+                             f"2 * ring size = {2 * world}; got cu_seqlens={cu}. Pad each document "
+                             "(shard_batch does this)")
+    spec = MaskSpec(causal=causal, window=None if sliding_window is None else int(sliding_window), cu_seqlens=cu)
     cfg = RingConfig(group, rank, world, layout, spec, d ** -0.5 if scale is None else float(scale),
                      select_kernel(query, kernel))
     return _RingAttention.apply(query, key, value, cfg)
@@ -183,7 +190,7 @@ def _check_local(q, k, v, layout, causal, sliding_window) -> None:
                          "move them to one device")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"query, key, value have different dtypes ({q.dtype}, {k.dtype}, {v.dtype}); cast them")
-    if layout == "zigzag" and q.shape[2] % 2 != 0:
+    if layout != "contiguous" and q.shape[2] % 2 != 0:
         raise ValueError(f"a zigzag shard holds two equal chunks, so its length must be even; got "
                          f"{q.shape[2]}. Pad the full sequence to a multiple of 2 * ring_size")
     if sliding_window is not None and (not causal or int(sliding_window) < 1):

@@ -35,10 +35,15 @@ def zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, world_size: int) -> to
     return torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], dim=dim).contiguous()
 
 
-def zigzag_unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def zigzag_unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None,
+                   cu_seqlens=None) -> torch.Tensor:
     """All-gather the zigzag shards of the ring and return the full sequence along ``dim``.
 
     Not differentiable (it is for gathering outputs: logits, hidden states).
+
+    Args:
+        cu_seqlens: for shards made per document (``document_zigzag_shard``, the
+            ``ring_documents`` of ``shard_batch``): that row's document boundaries.
 
     Raises:
         ValueError: the local length along ``dim`` is odd.
@@ -51,9 +56,26 @@ def zigzag_unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x, group=group)
-    halves = [p.chunk(2, dim=dim) for p in parts]
-    order = [h[0] for h in halves] + [h[1] for h in reversed(halves)]
-    return torch.cat(order, dim=dim)
+    docs = [x.size(dim) * world] if cu_seqlens is None else [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+    out, off = [], 0
+    for length in docs:  # each document (or the whole sequence) was cut into 2C chunks
+        n = length // (2 * world)
+        first = [p.narrow(dim, off, n) for p in parts]
+        second = [p.narrow(dim, off + n, n) for p in reversed(parts)]
+        out += first + second
+        off += 2 * n
+    return torch.cat(out, dim=dim)
+
+
+def document_zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, world_size: int, cu_seqlens) -> torch.Tensor:
+    """Zigzag-shard every document of ``cu_seqlens`` on its own and concatenate the shards.
+
+    Every document's length must be a multiple of 2 * world_size; each rank then does the
+    same causal work for every document (layout ``zigzag_docs``).
+    """
+    pieces = [zigzag_shard(x.narrow(dim, a, b - a), dim=dim, rank=rank, world_size=world_size)
+              for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+    return torch.cat(pieces, dim=dim)
 
 
 IGNORE_INDEX = -100
@@ -78,7 +100,7 @@ def shift_labels(labels: torch.Tensor, position_ids: torch.Tensor | None = None)
 
 
 def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.Tensor | None = None,
-                pad_token_id: int = 0) -> dict:
+                pad_token_id: int = 0, balance_documents: bool = True) -> dict:
     """Shift labels on the full sequences, pad to a multiple of 2 * ring_size, zigzag-shard.
 
     Args:
@@ -92,11 +114,16 @@ def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.T
             gradient average over all ranks equals the single-device update on the global batch.
             Pass your own (e.g. counted over a gradient-accumulation window, the same way).
         pad_token_id: token id used for the padding (its labels are ignored).
+        balance_documents: for packed rows (position_ids restart) on a ring, pad every document
+            to a multiple of 2 * ring_size and zigzag-shard each document on its own, so all
+            ranks do the same work whatever the document lengths. The boundaries travel to the
+            attention function as ``ring_documents``.
 
     Returns:
         A dict for ``model(**batch)``: ``input_ids``, ``position_ids`` (global positions of this
         rank's tokens, for RoPE) and, with labels, ``labels`` and ``shift_labels`` (the shifted,
-        sharded targets) and ``num_items_in_batch``.
+        sharded targets) and ``num_items_in_batch``; for balanced packed rows also
+        ``ring_documents`` (per row, the padded global document boundaries).
 
     Raises:
         ValueError: unknown keys, left padding, or shapes that do not match.
@@ -130,6 +157,9 @@ def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.T
 
     ring = 1 if groups is None else groups.ring_size
     rank = 0 if groups is None else groups.ring_rank
+    pos = pos.expand(b, -1)
+    if balance_documents and ring > 1 and bool((torch.diff(pos, dim=-1) != 1).any()):
+        return _shard_documents(ids, pos, target, groups, num_items_in_batch, pad_token_id)
     pad = (-n) % (2 * ring)
     if pad:  # padding goes at the end: causal attention keeps real tokens from seeing it
         ids = torch.nn.functional.pad(ids, (0, pad), value=pad_token_id)
@@ -159,3 +189,60 @@ def global_loss_tokens(targets: torch.Tensor, groups=None) -> torch.Tensor:
         dist.all_reduce(count, group=groups.dp_group)
     world = 1 if groups is None else groups.world_size
     return torch.clamp(count, min=1.0) / world
+
+
+def _pad_documents(ids, pos, target, multiple: int, pad_token_id: int):
+    """Pad every document of each row to a multiple of ``multiple``; rows to one length.
+
+    Padding goes at the end of each document (causal: its real tokens never see it), with
+    continuing positions and ignored targets. Returns padded (ids, pos, target) and per-row
+    document boundaries.
+    """
+    rows, bounds = [], []
+    for r in range(ids.shape[0]):
+        cut = [0, *(torch.nonzero(torch.diff(pos[r]) != 1).flatten() + 1).tolist(), ids.shape[1]]
+        pieces, cu = [], [0]
+        for a, b in zip(cut, cut[1:]):
+            extra = (-(b - a)) % multiple
+            p = pos[r, a:b]
+            pieces.append((torch.nn.functional.pad(ids[r, a:b], (0, extra), value=pad_token_id),
+                           torch.cat([p, p[-1] + torch.arange(1, extra + 1, device=p.device)]),
+                           None if target is None else torch.nn.functional.pad(target[r, a:b], (0, extra),
+                                                                                value=IGNORE_INDEX)))
+            cu.append(cu[-1] + b - a + extra)
+        rows.append(pieces)
+        bounds.append(cu)
+    longest = max(cu[-1] for cu in bounds)
+    out_ids, out_pos, out_t = [], [], []
+    for pieces, cu in zip(rows, bounds):
+        tail = longest - cu[-1]
+        if tail:  # a padding document of its own, so rows line up
+            dev = ids.device
+            pieces.append((torch.full((tail,), pad_token_id, dtype=ids.dtype, device=dev),
+                           torch.arange(tail, device=dev),
+                           None if target is None else torch.full((tail,), IGNORE_INDEX, dtype=target.dtype,
+                                                                  device=dev)))
+            cu.append(longest)
+        out_ids.append(torch.cat([p[0] for p in pieces]))
+        out_pos.append(torch.cat([p[1] for p in pieces]))
+        if target is not None:
+            out_t.append(torch.cat([p[2] for p in pieces]))
+    return (torch.stack(out_ids), torch.stack(out_pos), torch.stack(out_t) if target is not None else None,
+            [tuple(cu) for cu in bounds])
+
+
+def _shard_documents(ids, pos, target, groups, num_items_in_batch, pad_token_id) -> dict:
+    ring, rank = groups.ring_size, groups.ring_rank
+    ids, pos, target, bounds = _pad_documents(ids, pos, target, 2 * ring, pad_token_id)
+
+    def shard(x):
+        return torch.stack([document_zigzag_shard(x[r], dim=0, rank=rank, world_size=ring, cu_seqlens=cu)
+                            for r, cu in enumerate(bounds)])
+
+    out = {"input_ids": shard(ids), "position_ids": shard(pos), "ring_documents": tuple(bounds)}
+    if target is not None:
+        if num_items_in_batch is None:
+            num_items_in_batch = global_loss_tokens(target, groups)
+        local = shard(target)
+        out.update(labels=local, shift_labels=local, num_items_in_batch=num_items_in_batch)
+    return out

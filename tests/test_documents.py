@@ -59,21 +59,39 @@ def _packed(rank, world, family):
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss, group=groups.ring_group)
-    full_logits = hra.zigzag_unshard(out.logits.detach(), dim=1, group=groups.ring_group)
+    # shard_batch padded every document to a multiple of 2C and sharded each on its own:
+    # gather each row back and drop the padding at the end of each document.
+    rows_back = []
+    for r, (lens, cu) in enumerate(zip(rows, batch["ring_documents"])):
+        row = hra.zigzag_unshard(out.logits[r:r + 1].detach(), dim=1, group=groups.ring_group, cu_seqlens=cu)
+        rows_back.append(torch.cat([row[0, a:a + k] for a, k in zip(cu, lens)]))
+    full_logits = torch.stack(rows_back)
     gerr = 0.0
     for p, pr in zip(model.parameters(), ref.parameters()):
         g = p.grad.clone()
         dist.all_reduce(g, group=groups.ring_group)
         gerr = max(gerr, ((g / world - pr.grad).norm() / pr.grad.norm()).item())
     lerr = ((full_logits - torch.stack(logits).detach()).norm() / torch.stack(logits).norm()).item()
-    return rows, abs(loss.item() / world - ref_loss.item()) / ref_loss.item(), lerr, gerr
+    work = _planned_work(batch["ring_documents"][0], world)
+    return rows, abs(loss.item() / world - ref_loss.item()) / ref_loss.item(), lerr, gerr, work
+
+
+def _planned_work(cu, world):
+    """Query-key pairs each rank computes for one row (from the plan)."""
+    from hf_ring_attention.plan import MaskSpec, step_tasks
+
+    spec, s = MaskSpec(cu_seqlens=tuple(cu)), cu[-1] // world
+    return [sum((t.q.stop - t.q.start) * (t.k.stop - t.k.start) for st in range(world)
+                for t in step_tasks(spec, "zigzag_docs", r, (r - st) % world, world, s)) for r in range(world)]
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_packed_documents_equal_separate_documents(family, world):
-    rows, loss_err, logit_err, grad_err = run_ranks(_packed, world, family)[0]
+    rows, loss_err, logit_err, grad_err, work = run_ranks(_packed, world, family)[0]
     assert max(loss_err, logit_err, grad_err) < 2e-5, (rows, loss_err, logit_err, grad_err)
+    # Per-document zigzag: every rank plans the same work for every document.
+    assert max(work) == min(work), work
 
 
 def test_shift_labels_ignore_document_starts():

@@ -29,6 +29,8 @@ CASES = [
     (1, 4, 2, 16, "zigzag", True, None, "docs"),
     (1, 4, 2, 16, "zigzag", True, 9, "docs"),
     (1, 4, 2, 16, "contiguous", False, None, "docs"),
+    (2, 4, 2, 16, "zigzag_docs", True, None, "docs"),
+    (1, 4, 2, 16, "zigzag_docs", True, 9, "docs"),
 ]
 
 
@@ -37,7 +39,14 @@ def _docs(n):
     return [0, 5, n - 7, n - 6, n]
 
 
-def _shard(x, layout, rank, world):
+def _docs_balanced(n, world):
+    # Lengths 2C, N - 6C, 4C: multiples of 2C, as zigzag_docs needs (shard_batch pads to that).
+    return [0, 2 * world, n - 4 * world, n]
+
+
+def _shard(x, layout, rank, world, cu=None):
+    if layout == "zigzag_docs":
+        return hra.sharding.document_zigzag_shard(x, dim=2, rank=rank, world_size=world, cu_seqlens=cu)
     if layout == "zigzag":
         return hra.zigzag_shard(x, dim=2, rank=rank, world_size=world)
     return x.chunk(world, dim=2)[rank].contiguous()
@@ -46,7 +55,7 @@ def _shard(x, layout, rank, world):
 def _errors(rank, world, case, dtype, kernel, chunk):
     b, hq, hkv, d, layout, causal, window, docs = case
     n = 2 * world * chunk
-    cu = _docs(n) if docs else None
+    cu = (_docs_balanced(n, world) if layout == "zigzag_docs" else _docs(n)) if docs else None
     g = torch.Generator().manual_seed(1234)  # same full tensors on every rank
     q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
     dout = torch.randn(b, hq, n, d, generator=g, dtype=torch.float64)
@@ -55,13 +64,13 @@ def _errors(rank, world, case, dtype, kernel, chunk):
     ref.backward(dout)
     ref_all = [ref.detach()] + [t.grad for t in full]
 
-    local = [_shard(t, layout, rank, world).to(dtype).requires_grad_() for t in (q, k, v)]
+    local = [_shard(t, layout, rank, world, cu).to(dtype).requires_grad_() for t in (q, k, v)]
     out = hra.ring_attention(*local, causal=causal, layout=layout, sliding_window=window, cu_seqlens=cu,
                              kernel=kernel)
     assert out.dtype == dtype and out.shape == local[0].shape
-    out.backward(_shard(dout, layout, rank, world).to(dtype))
+    out.backward(_shard(dout, layout, rank, world, cu).to(dtype))
     got = [out.detach()] + [t.grad for t in local]
-    errs = [(a.double() - _shard(r, layout, rank, world)).abs().max().item() for a, r in zip(got, ref_all)]
+    errs = [(a.double() - _shard(r, layout, rank, world, cu)).abs().max().item() for a, r in zip(got, ref_all)]
 
     base = None
     if dtype == torch.bfloat16 and not docs and window is None:
