@@ -56,9 +56,12 @@ def setup_groups(ring_size: int) -> RingGroups:
     if not isinstance(ring_size, int) or ring_size < 1:
         raise ValueError(f"ring_size={ring_size!r} must be a positive int")
     if not dist.is_initialized():
+        import torch
         from accelerate import PartialState
 
-        PartialState()  # initialises torch.distributed when launched with several processes
+        # Initialises torch.distributed when launched with several processes; on CPU-only
+        # machines accelerate must be told cpu=True or it reports a single process.
+        PartialState(cpu=not torch.cuda.is_available())
     if not dist.is_initialized():
         if ring_size != 1:
             raise ValueError(f"ring_size={ring_size} needs {ring_size} processes; launch with "

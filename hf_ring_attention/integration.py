@@ -109,11 +109,18 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         docs = state.document_bounds(kwargs.get("position_ids"), query.shape[0])
     common = dict(group=state.group, causal=True, scale=scaling, layout=layout,
                   sliding_window=sliding_window, kernel=state.kernel)
-    if all(d == docs[0] for d in docs):
-        out = ring_attention(query, key, value, cu_seqlens=docs[0], **common)
-    else:  # rows packed differently: one ring pass per row
-        out = torch.cat([ring_attention(query[i:i + 1], key[i:i + 1], value[i:i + 1], cu_seqlens=d, **common)
-                         for i, d in enumerate(docs)], dim=0)
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Under autocast RoPE returns fp32 q/k while v is in the autocast dtype; SDPA casts all
+        # three itself. Do the same, then run the ring outside autocast (fp32 accumulators stay fp32).
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if all(d == docs[0] for d in docs):
+            out = ring_attention(query, key, value, cu_seqlens=docs[0], **common)
+        else:  # rows packed differently: one ring pass per row
+            out = torch.cat([ring_attention(query[i:i + 1], key[i:i + 1], value[i:i + 1], cu_seqlens=d,
+                                            **common) for i, d in enumerate(docs)], dim=0)
     return out.transpose(1, 2).contiguous(), None
 
 
