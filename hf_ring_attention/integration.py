@@ -22,6 +22,7 @@ from .sharding import zigzag_unshard
 # built-in checks for those kernels.
 ATTN_KEY = "hf_ring"
 _STATE_ATTR = "_hf_ring_state"
+_DYNAMIC_ROPE = ("dynamic", "longrope")
 _UNSUPPORTED = {  # kwarg a model passes -> what it means
     "softcap": "attention logit softcapping (e.g. Gemma 2)",
     "s_aux": "attention sinks (e.g. gpt-oss)",
@@ -50,9 +51,12 @@ class RingState:
         """
         if position_ids is None or not self.detect_documents:
             return [None] * batch
-        key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version)
-        if self._docs_cache[0] == key:
-            return self._docs_cache[1]
+        # Keyed on the tensor object itself (and its version): an address could be reused by a
+        # new tensor on one rank only, which would skip an all-gather its peers make.
+        cached, bounds = self._docs_cache
+        if cached is not None and cached[0] is position_ids and cached[1] == position_ids._version:
+            return bounds
+        key = (position_ids, position_ids._version)
         pos = zigzag_unshard(position_ids.contiguous(), dim=-1, group=self.group) if self.world_size > 1 \
             else position_ids
         pos = pos.expand(batch, -1)
@@ -154,6 +158,12 @@ def _check_call(model, args, kwargs, state: RingState) -> None:
     if state.world_size > 1 and kwargs.get("position_ids") is None:
         raise ValueError("a ring-sharded forward needs the global position_ids of this rank's tokens "
                          "(otherwise RoPE sees local positions); use hf_ring_attention.shard_batch(batch, groups)")
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    if state.world_size > 1 and torch.is_grad_enabled() and rope.get("rope_type", rope.get("type")) in _DYNAMIC_ROPE:
+        raise NotImplementedError(f"rope_type={rope.get('rope_type')!r} picks its frequencies from the largest "
+                                  "position each rank sees, which differs across ring ranks; train with a static "
+                                  "RoPE type (default, linear, yarn, llama3). hf_ring_attention.evaluate_perplexity "
+                                  "evaluates dynamic RoPE exactly (under torch.no_grad)")
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("ring attention does not support padding in attention_mask; drop the mask and pad "

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .integration import ATTN_KEY, _STATE_ATTR
 from .sharding import IGNORE_INDEX, shard_batch
@@ -130,6 +131,10 @@ def _rope_sees_window_length(decoder: torch.nn.Module, length: list[int]) -> Ite
     the rotary module append the window's last position and clip padding positions to it, so
     every rank sees seq_len = L, then drop the extra column. Padding tokens get clipped
     positions; their targets are ignored and, causally, no real token attends them.
+
+    ``dynamic`` RoPE also keeps the frequencies of the longest length it has seen; the pre-hook
+    resets that state, so every window is scored as by a freshly loaded model and results do
+    not depend on the order of ``context_lengths`` or on earlier calls.
     """
     modules = []
     for m in decoder.modules():
@@ -140,6 +145,11 @@ def _rope_sees_window_length(decoder: torch.nn.Module, length: list[int]) -> Ite
             modules.append(m)
 
     def pre(module, args, kwargs):
+        if isinstance(module.rope_type, str) and "dynamic" in module.rope_type \
+                and hasattr(module, "original_inv_freq") and hasattr(module, "original_max_seq_len"):
+            module.register_buffer("inv_freq", module.original_inv_freq.to(module.inv_freq.device).clone(),
+                                   persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
         pos = kwargs["position_ids"] if "position_ids" in kwargs else args[1]  # (B, S_local)
         last = length[0] - 1
         pos = torch.cat([pos.clamp(max=last), pos.new_full((pos.shape[0], 1), last)], dim=1)
@@ -157,6 +167,20 @@ def _rope_sees_window_length(decoder: torch.nn.Module, length: list[int]) -> Ite
     finally:
         for h in handles:
             h.remove()
+
+
+def _clear_document_cache(model: torch.nn.Module) -> None:
+    """Forget the ring's cached document bounds, on every rank at the same point.
+
+    ``RingState.document_bounds`` keys its cache on the position tensor's address. A new
+    tensor can reuse a freed one's address (same shape, version 0): a rank that then hits the
+    stale entry skips the all-gather its ring peers make, and the collectives fall out of step
+    (gloo aborts: "op.preamble.length <= op.nbytes. 32 vs 20"). Within one call the position
+    tensors stay alive, so only entries from before the call can be stale, and none after it.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None and hasattr(state, "_docs_cache"):
+        state._docs_cache = (None, None)
 
 
 def _window_nll(decoder: torch.nn.Module, lm_head: torch.nn.Module, batch: dict,
@@ -225,12 +249,12 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, context
                          "model's tokenizer?")
     device = lm_head.weight.device
     main = not dist.is_initialized() or dist.get_rank() == 0
-    from tqdm.auto import tqdm
-
     sums = torch.zeros(len(plans), 2, dtype=torch.float64, device=device)  # (lengths, [nll, tokens])
     was_training = model.training
     model.eval()
     length = [0]  # read by the RoPE hooks
+    alive: list[torch.Tensor] = []  # the sharded position_ids of each length (see _clear_document_cache)
+    _clear_document_cache(model)
     try:
         with _rope_sees_window_length(decoder, length):
             for i, (context, plan) in enumerate(zip(context_lengths, plans)):
@@ -238,6 +262,7 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, context
                 mine = plan[dp_rank::dp_size]
                 bar = tqdm(mine, desc=f"perplexity L={context}", unit="window",
                            disable=not (progress and main), leave=False)
+                shared_pos = None
                 for start, first in bar:
                     window = token_ids[start:start + context].to(device)[None]  # (1, L)
                     labels = window.clone()
@@ -245,11 +270,18 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, context
                     # num_items_in_batch given: shard_batch would otherwise all-reduce over dp,
                     # a collective that rings with fewer windows would never join.
                     batch = shard_batch({"input_ids": window, "labels": labels}, groups, num_items_in_batch=1.0)
+                    # Every window of this length has the same positions: passing one tensor object lets
+                    # the ring's document detection (cached per position tensor) skip its all-gather.
+                    if shared_pos is None:
+                        shared_pos = batch["position_ids"]
+                        alive.append(shared_pos)  # no later tensor may reuse its address in this call
+                    batch["position_ids"] = shared_pos
                     nll, count = _window_nll(decoder, lm_head, batch, chunk_size)
                     sums[i, 0] += nll
                     sums[i, 1] += count
     finally:
         model.train(was_training)
+        _clear_document_cache(model)
     if groups is not None and dist.is_initialized():
         if groups.ring_size > 1:
             dist.all_reduce(sums, group=groups.ring_group)
