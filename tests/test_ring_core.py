@@ -83,7 +83,9 @@ def _errors(rank, world, case, dtype, kernel, chunk):
     return errs, base
 
 
-def _check_all(rank, world, dtype, kernel, chunk):
+def _check_all(rank, world, dtype, kernel, chunk, bwd_rows=None):
+    if bwd_rows is not None:  # exercise the backward's split of full blocks into row pieces
+        hra.ring.BWD_Q_ROWS = bwd_rows
     report = []
     for case in CASES:
         errs, base = _errors(rank, world, case, dtype, kernel, chunk)
@@ -96,6 +98,12 @@ def test_fp32_matches_fp64_reference(world):
     for rank_report in run_ranks(_check_all, world, torch.float32, None, 12):
         for case, errs, _ in rank_report:
             assert max(errs) < 2e-5, f"{case}: max |err| of (out, dq, dk, dv) = {errs}"
+
+
+def test_backward_in_row_pieces_is_exact():
+    for rank_report in run_ranks(_check_all, 2, torch.float32, None, 12, 5):
+        for case, errs, _ in rank_report:
+            assert max(errs) < 2e-5, f"{case}: {errs}"
 
 
 @pytest.mark.parametrize("world", [2, 3])
