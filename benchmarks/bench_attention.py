@@ -1,17 +1,20 @@
 """Ring attention forward+backward against single-process SDPA on CPU (gloo).
 
-Run (the issue's target; about 4 minutes on 2 idle cores):
+Run (the issue's target; about 2.5 minutes on 2 idle cores):
     python benchmarks/bench_attention.py --seq 16384 --heads 8 --kv-heads 2 --head-dim 64 \
         --ring-sizes 2 --layouts zigzag,contiguous --repeats 3
-Sliding window N/8 at ring 2 and 4 (ring 4 on 2 cores oversubscribes them):
-    python benchmarks/bench_attention.py --seq 16384 --ring-sizes 2,4 --sliding-window N/8 --repeats 3
+Sliding window N/8 at ring 2 and 4, with the causal runs it is compared to (about 7 minutes;
+ring 4 on 2 cores oversubscribes them; the windowed SDPA baseline holds an (N, N) fp32 mask):
+    python benchmarks/bench_attention.py --seq 16384 --heads 8 --kv-heads 2 --head-dim 64 \
+        --ring-sizes 2,4 --layouts zigzag,contiguous --sliding-window N/8 --repeats 3
 Quick check (seconds):
     python benchmarks/bench_attention.py --seq 2048 --ring-sizes 1,2 --repeats 2
 
 Every configuration runs in fresh processes: C ranks with --threads threads each, against
 one process with the same --threads running torch's SDPA on the full sequence (is_causal,
 enable_gqa; with --sliding-window, an explicit (N, N) bool mask, built before the memory
-baseline so not counted). Reported per configuration:
+baseline so not counted, but SDPA's own fp32 copy of it is). Ring size 1 = ring_attention in
+one process (runs one layout only). Reported per configuration:
 - time/rank: the slowest rank's median wall time of one forward+backward (ranks start
   each repeat together, after a barrier);
 - speedup: the baseline's median over that; cpu-time speedup: the same with the CPU time
@@ -101,7 +104,8 @@ def steps_with_work(seq, world, layout, window):
     from hf_ring_attention.plan import MaskSpec, step_tasks
 
     spec, s = MaskSpec(causal=True, window=window or None), seq // world
-    busy = sum(bool(step_tasks(spec, layout, r, (r - st) % world, world, s)) for r in range(world) for st in range(world))
+    busy = sum(bool(step_tasks(spec, layout, r, (r - st) % world, world, s))
+               for r in range(world) for st in range(world))
     return busy, world * world
 
 
@@ -109,6 +113,7 @@ def summarise(per_rank):
     med = lambda key: [_common.median(r[key]) for r in per_rank]
     wall, cpu = med("wall"), med("cpu")
     out = dict(time=max(wall), cpu=max(cpu), fwd=max(med("fwd")), wall_per_rank=wall, cpu_per_rank=cpu,
+               wall_all=[r["wall"] for r in per_rank], cpu_all=[r["cpu"] for r in per_rank],
                balance_wall=max(wall) / min(wall), balance_cpu=max(cpu) / min(cpu),
                peak=max(r["peak_rss"] for r in per_rank), peak_per_rank=[r["peak_rss"] for r in per_rank])
     if "torch_peak" in per_rank[0]:
@@ -142,6 +147,8 @@ def main():
         window = n // int(w[2:]) if w.upper().startswith("N/") else int(w)
     rings = [int(x) for x in args.ring_sizes.split(",")]
     layouts = args.layouts.split(",")
+    if bad := [x for x in layouts if x not in ("zigzag", "contiguous")]:
+        p.error(f"--layouts {bad}: choose from zigzag, contiguous (zigzag_docs needs documents: bench_packed.py)")
     for c in rings:
         if n % (2 * c):
             p.error(f"--seq {n} must be a multiple of 2 * ring size ({2 * c})")
@@ -187,8 +194,9 @@ def main():
         r["st"] = f"{r['steps'][0]}/{r['steps'][1]}" if "steps" in r else ""
         r["vc"] = f"{r['vs_causal']:.2f} / {r['vs_causal_cpu']:.2f}" if "vs_causal" in r else ""
     cols = [("attention", "attention"), ("impl", "impl"), ("layout", "layout"), ("ring", "procs"),
-            ("t", "time/rank (s)"), ("sp", "speedup"), ("spc", "cpu-time speedup"), ("mem", "peak mem/rank (MiB)"), ("mr", "mem vs SDPA"),
-            ("bal", "balance wall / cpu"), ("st", "steps with work"), ("vc", "vs causal wall / cpu")]
+            ("t", "time/rank (s)"), ("sp", "speedup"), ("spc", "cpu-time speedup"), ("mem", "peak mem/rank (MiB)"),
+            ("mr", "mem vs SDPA"), ("bal", "balance wall / cpu"), ("st", "steps with work"),
+            ("vc", "vs causal wall / cpu")]
     print()
     print(f"N={n}, B={args.batch}, {args.heads} q heads / {args.kv_heads} kv heads, D={args.head_dim}, "
           f"{args.dtype}, fwd+bwd, {args.threads} thread(s) per process, median of {args.repeats} "
@@ -199,11 +207,11 @@ def main():
     print()
     print(_common.markdown_table(rows, cols))
     if args.json:
-        keep = ("t", "sp", "spc", "mem", "mr", "bal", "st", "vc")
+        shown = [k for k, _ in cols[4:]]  # formatted copies of the numbers below
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), window=window, load_before=load_before, load_after=load_after,
                            memory=mem_note, malloc_pinned=_common.MALLOC_PINNED,
-                           rows=[{k: v for k, v in r.items() if k not in keep} for r in rows]), f, indent=1)
+                           rows=[{k: v for k, v in r.items() if k not in shown} for r in rows]), f, indent=1)
 
 
 if __name__ == "__main__":
