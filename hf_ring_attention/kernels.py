@@ -12,8 +12,11 @@ causal mask (query i sees keys 0..i), used for diagonal blocks.
 
 Kernels (``KERNELS``): ``cpu_flash`` (ATen's fused CPU flash kernel), ``flash_attn``
 (the flash-attn package, fp16/bf16 CUDA, chosen when importable), ``cuda_flash`` (ATen's
-CUDA flash kernel, fp16/bf16), ``math`` (plain torch, any
-dtype/device; materialises the (Sq, Sk) scores). ``select_kernel`` picks one.
+CUDA flash kernel, fp16/bf16), ``cuda_cudnn`` (ATen's cuDNN attention, fp16/bf16; chosen on
+Hopper and newer, where it is the fastest), ``cuda_efficient`` (ATen's CUDA memory-efficient kernel:
+fp32/fp16/bf16, takes an explicit mask, so masked tiles of the CUDA kernels go to it),
+``math`` (plain torch, any dtype/device; materialises the (Sq, Sk) scores).
+``select_kernel`` picks one.
 This module knows nothing about process groups.
 """
 
@@ -73,23 +76,104 @@ def _reduce_kv(dx: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _cuda_flash_forward(q, k, v, *, scale, causal=False, mask=None):
     if mask is not None:  # ATen's CUDA flash kernel takes no explicit mask.
-        return _math_forward(q, k, v, scale=scale, causal=causal, mask=mask)
-    g = q.shape[1] // k.shape[1]
-    res = aten._scaled_dot_product_flash_attention(
-        q, _expand_kv(k, g), _expand_kv(v, g), 0.0, causal, False, scale=scale)
+        return _masked_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+    # GQA native: the kernel (FlashAttention-2) takes fewer K/V heads than query heads.
+    res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     return res[0], res[1]
 
 
 def _cuda_flash_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
     if mask is not None:
-        return _math_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
-    g = q.shape[1] // k.shape[1]
+        return _masked_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
     sq, sk = q.shape[2], k.shape[2]
-    empty = torch.empty(0, dtype=torch.int64, device=q.device)
-    dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-        dout, q, _expand_kv(k, g), _expand_kv(v, g), out, lse.contiguous(), empty, empty, sq, sk,
-        0.0, causal, empty, empty, scale=scale)
+    empty = torch.empty(0, dtype=torch.int64, device=q.device)  # philox seed/offset: unused without dropout
+    # cum_seq_q/k = None (undefined): a defined tensor there selects the variable-length path.
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), None, None, sq, sk, 0.0, causal, empty, empty, scale=scale)
+
+
+# ----------------------------------------------------------------------------- cuda_cudnn
+# ATen's cuDNN attention (fp16/bf16, GQA native). On an H200 (torch 2.11, cuDNN 9) it ran
+# fwd+bwd 1.7x faster than ATen's flash kernel (FlashAttention-2), and it is SDPA's own
+# default there (benchmarks/bench_cuda.py). Its lse is (B, H, S, 1).
+def _cuda_cudnn_forward(q, k, v, *, scale, causal=False, mask=None):
+    if mask is not None:
+        return _masked_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+    res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].squeeze(-1)
+
+
+def _cuda_cudnn_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
+    if mask is not None:
+        return _masked_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset: unused without dropout
+    return aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.contiguous().unsqueeze(-1), zero, zero, None, None, None, q.shape[2], k.shape[2],
+        0.0, causal, scale=scale)
+
+
+def _cudnn_ok(q: torch.Tensor) -> bool:
+    """Where cuDNN attention was measured and tested: Hopper or newer, fp16/bf16, head dim <= 128."""
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= 128 and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device) >= (9, 0))
+
+
+# ------------------------------------------------------------------------ cuda_efficient
+# ATen's memory-efficient kernel (xFormers' CUTLASS kernel): fp32/fp16/bf16, an additive
+# bias for explicit masks. Its lse comes padded to a multiple of 32 rows; the bias needs a
+# row stride aligned to 16 elements (the kernel's requirement), so it is cut from a wider buffer.
+_LSE_ALIGN = 32
+
+
+def _efficient_bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    sq, sk = mask.shape
+    buf = torch.zeros(sq, sk + (-sk % 16), dtype=q.dtype, device=q.device)[:, :sk]
+    buf.masked_fill_(~mask, float("-inf"))
+    return buf.expand(q.shape[0], q.shape[1], sq, sk)
+
+
+def _cuda_efficient_forward(q, k, v, *, scale, causal=False, mask=None):
+    g = q.shape[1] // k.shape[1]
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+        q, _expand_kv(k, g), _expand_kv(v, g), _efficient_bias(mask, q), True, 0.0, causal, scale=scale)
+    lse = lse[..., :q.shape[2]]
+    if mask is not None:
+        empty = ~mask.any(-1)  # (Sq,) rows with no allowed key: out = 0, lse = -inf
+        if bool(empty.any()):
+            out = out.masked_fill(empty[:, None], 0.0)
+            lse = lse.masked_fill(empty, float("-inf"))
+    return out, lse
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
+    g = q.shape[1] // k.shape[1]
+    sq = q.shape[2]
+    lse_pad = lse.new_full((*lse.shape[:2], -(-sq // _LSE_ALIGN) * _LSE_ALIGN), float("inf"))
+    lse_pad[..., :sq] = lse
+    zero = torch.zeros((), dtype=torch.int64, device=q.device)  # philox seed/offset: unused without dropout
+    # The kernel reads out with a row stride of H * D (the (B, S, H, D) layout its forward writes),
+    # whatever out's strides say: hand it that layout.
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, _expand_kv(k, g), _expand_kv(v, g), _efficient_bias(mask, q), out, lse_pad, zero, zero,
+        0.0, [True, True, True, False], causal, scale=scale)
     return dq, _reduce_kv(dk, g), _reduce_kv(dv, g)
+
+
+def _efficient_ok(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and q.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+        and q.shape[-1] % 8 == 0
+
+
+def _masked_forward(q, k, v, **kw):
+    return (_cuda_efficient_forward if _efficient_ok(q) else _math_forward)(q, k, v, **kw)
+
+
+def _masked_backward(dout, q, k, v, out, lse, **kw):
+    return (_cuda_efficient_backward if _efficient_ok(q) else _math_backward)(dout, q, k, v, out, lse, **kw)
 
 
 # ---------------------------------------------------------------------------- flash_attn
@@ -97,7 +181,7 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=N
 # ring needs; layout (B, S, H, D); GQA native. Explicit masks go to the math kernel.
 def _flash_attn_forward(q, k, v, *, scale, causal=False, mask=None):
     if mask is not None:
-        return _math_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+        return _masked_forward(q, k, v, scale=scale, causal=causal, mask=mask)
     from flash_attn.flash_attn_interface import _flash_attn_forward as fa_fwd
 
     out, lse, _, _ = fa_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, scale, causal,
@@ -107,7 +191,7 @@ def _flash_attn_forward(q, k, v, *, scale, causal=False, mask=None):
 
 def _flash_attn_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
     if mask is not None:
-        return _math_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+        return _masked_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
     from flash_attn.flash_attn_interface import _flash_attn_backward as fa_bwd
 
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -170,6 +254,8 @@ def _math_backward(dout, q, k, v, out, lse, *, scale, causal=False, mask=None):
 KERNELS: dict[str, Kernel] = {
     "cpu_flash": Kernel(_cpu_flash_forward, _cpu_flash_backward),
     "cuda_flash": Kernel(_cuda_flash_forward, _cuda_flash_backward),
+    "cuda_efficient": Kernel(_cuda_efficient_forward, _cuda_efficient_backward),
+    "cuda_cudnn": Kernel(_cuda_cudnn_forward, _cuda_cudnn_backward),
     "flash_attn": Kernel(_flash_attn_forward, _flash_attn_backward),
     "math": Kernel(_math_forward, _math_backward),
 }
@@ -184,8 +270,12 @@ def select_kernel(q: torch.Tensor, name: str | None = None) -> Kernel:
     if name is None or name == "auto":
         if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             name = "cpu_flash"
+        elif _cudnn_ok(q):
+            name = "cuda_cudnn"
         elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
             name = "flash_attn" if _has_flash_attn() else "cuda_flash"
+        elif _efficient_ok(q):
+            name = "cuda_efficient"
         else:
             name = "math"
     if name not in KERNELS:
@@ -196,6 +286,13 @@ def select_kernel(q: torch.Tensor, name: str | None = None) -> Kernel:
                                                  q.dtype not in (torch.float16, torch.bfloat16)):
         raise ValueError(f"kernel={name!r} needs fp16/bf16 CUDA tensors, got {q.dtype} on {q.device}; "
                          "use kernel='auto'")
+    if name == "cuda_cudnn" and not _cudnn_ok(q):
+        raise ValueError(f"kernel='cuda_cudnn' needs fp16/bf16 CUDA tensors on a Hopper-or-newer GPU with a head "
+                         f"dim that is a multiple of 8 and <= 128, got {q.dtype} on {q.device}, head dim "
+                         f"{q.shape[-1]}; use kernel='auto'")
+    if name == "cuda_efficient" and not _efficient_ok(q):
+        raise ValueError(f"kernel='cuda_efficient' needs fp32/fp16/bf16 CUDA tensors with a head dim that is a "
+                         f"multiple of 8, got {q.dtype} on {q.device}, head dim {q.shape[-1]}; use kernel='auto'")
     return KERNELS[name]
 
 

@@ -22,7 +22,10 @@ from .comm import RingComm
 from .kernels import Kernel, merge_, select_kernel
 from .plan import LAYOUTS, MaskSpec, Task, step_tasks
 
-BWD_Q_ROWS = 4096  # full blocks run their backward in pieces of this many query rows (measured: 2048 costs ~25% more CPU, unsplit more memory)
+# On CPU, full blocks run their backward in pieces of this many query rows: it bounds the
+# kernel's per-call buffers (interleaved runs measured 2048 and 4096 at the same CPU time).
+# On GPU whole blocks run at once: pieces there only re-read K/V and re-reduce dK/dV.
+BWD_Q_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dkv_comm = RingComm(cfg.group) if cfg.world_size > 1 else None
     r, c, s_local = cfg.rank, cfg.world_size, q.shape[2]
     k_dtype, v_dtype = k.dtype, v.dtype
+    piece_rows = BWD_Q_ROWS if q.device.type == "cpu" else None
     for step in range(c):
         if step + 1 < c:
             nxt = kv_comm.send_recv([k, v])
@@ -85,8 +89,8 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             dk, dv = dkv_recv
         for t in _tasks(cfg.spec, cfg.layout, r, (r - step) % c, c, s_local):
             kb, vb, mask = _rows(k, t.k), _rows(v, t.k), _dev(t.mask(), q)
-            pieces = [t.q] if t.kind != "full" else [
-                slice(a, min(a + BWD_Q_ROWS, t.q.stop)) for a in range(t.q.start, t.q.stop, BWD_Q_ROWS)]
+            pieces = [t.q] if t.kind != "full" or piece_rows is None else [
+                slice(a, min(a + piece_rows, t.q.stop)) for a in range(t.q.start, t.q.stop, piece_rows)]
             for qs in pieces:
                 bdq, bdk, bdv = cfg.kernel.backward(
                     _rows(dout, qs), _rows(q, qs), kb, vb, _rows(out, qs), _rows(lse, qs),
@@ -143,7 +147,7 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         sliding_window: keep keys with q_idx - kv_idx < sliding_window (causal only).
         cu_seqlens: global document boundaries (0, ..., N) of packed sequences (same for the
             whole batch): queries attend only within their document.
-        kernel: block kernel name ("auto", "cpu_flash", "cuda_flash", "math").
+        kernel: block kernel name ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "flash_attn", "math").
 
     Returns:
         (B, Hq, S_local, D) in query's dtype, differentiable in query, key and value.

@@ -1,7 +1,9 @@
 """CUDA paths (opt-in: skipped without a GPU). Same checks as the CPU tests, on the GPU kernels.
 
-Run on a GPU machine: ``python -m pytest -q tests/test_cuda.py``.
-Tolerance: bf16 ring error against an fp64 reference <= 2x single-process bf16 SDPA's + 1e-3.
+Run on a GPU machine: ``python -m pytest -q tests/test_cuda.py tests/test_virtual_ring.py``
+(the second runs multi-step rings as threads on one GPU).
+Tolerance: bf16 ring error against an fp64 reference <= 2x single-process bf16 SDPA's + 1e-3;
+fp32 <= 2x single-process fp32 SDPA's + 1e-5.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def _kernels():
-    names = ["cuda_flash", "math"]
+    names = ["cuda_flash", "cuda_efficient", "math"]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        names.append("cuda_cudnn")
     try:
         import flash_attn  # noqa: F401
         names.append("flash_attn")
@@ -27,7 +31,7 @@ def _kernels():
     return names
 
 
-def _case(rank, world, kernel, window, docs, device):
+def _case(rank, world, kernel, window, docs, device, dtype=torch.bfloat16):
     torch.manual_seed(0)
     n, d = 2 * world * 64, 64
     q, k, v = (torch.randn(2, h, n, d, dtype=torch.float64) for h in (8, 2, 2))
@@ -37,14 +41,14 @@ def _case(rank, world, kernel, window, docs, device):
     ref = reference_attention(*full, window=window, cu_seqlens=cu)
     ref.backward(do)
     sh = lambda x: hra.zigzag_shard(x, dim=2, rank=rank, world_size=world)  # noqa: E731
-    loc = [sh(t).to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    loc = [sh(t).to(device, dtype).requires_grad_() for t in (q, k, v)]
     out = hra.ring_attention(*loc, sliding_window=window, cu_seqlens=cu, kernel=kernel)
-    out.backward(sh(do).to(device, torch.bfloat16))
+    out.backward(sh(do).to(device, dtype))
     errs = [(a.double().cpu() - sh(r)).abs().max().item()
             for a, r in zip([out.detach()] + [t.grad for t in loc], [ref.detach()] + [t.grad for t in full])]
-    sd = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    sd = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
     so = F.scaled_dot_product_attention(*sd, is_causal=True, enable_gqa=True)
-    so.backward(do.to(device, torch.bfloat16))
+    so.backward(do.to(device, dtype))
     base = [(a.double().cpu() - r).abs().max().item()
             for a, r in zip([so.detach()] + [t.grad for t in sd], [ref.detach()] + [t.grad for t in full])]
     return errs, base
@@ -58,6 +62,22 @@ def test_single_gpu_kernel_matches_reference(kernel):
     for window, docs in ((48, False), (None, True)):
         errs, _ = _case(0, 1, kernel, window, docs, "cuda")
         assert max(errs) < 0.1, (kernel, window, docs, errs)
+
+
+@pytest.mark.parametrize("kernel", [None, "cuda_efficient", "math"])
+def test_single_gpu_fp32_matches_reference(kernel):
+    errs, base = _case(0, 1, kernel, None, False, "cuda", torch.float32)
+    for e, b in zip(errs, base):
+        assert e <= 2 * b + 1e-5, (kernel, errs, base)
+
+
+def test_auto_kernel_choice_on_cuda():
+    from hf_ring_attention.kernels import KERNELS, select_kernel
+    x = torch.zeros(1, 2, 8, 64, device="cuda")
+    assert select_kernel(x) is KERNELS["cuda_efficient"]
+    want = ("cuda_cudnn",) if torch.cuda.get_device_capability() >= (9, 0) else ("cuda_flash", "flash_attn")
+    assert select_kernel(x.bfloat16()) in [KERNELS[n] for n in want]
+    assert select_kernel(x.double()) is KERNELS["math"]
 
 
 def _nccl(rank, world):

@@ -1,0 +1,86 @@
+"""The ring loops run as threads of one process (tests/virtual_ring.py) against the fp64
+reference, on CPU and, where present, one GPU: this is how the CUDA kernels are checked
+inside multi-step rings on a single GPU. Real multi-process rings are in test_ring_core.
+
+Tolerances: fp32 within 2x single-process SDPA's fp32 error + 1e-5 (CPU: 2e-5 absolute,
+as test_ring_core, since fp32 flash blocks agree with fp64 to ~1e-6); bf16 within 2x
+single-process bf16 SDPA's error (same mask) + 1e-3: SDPA's rounding is the scale of what
+a bf16 kernel may differ by, and the merges accumulate in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_ring_attention as hra
+from reference import allowed_mask, reference_attention
+from virtual_ring import run_virtual_ring
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+CASES = [  # (world, layout, causal, window, docs)
+    (2, "zigzag", True, None, False),
+    (4, "zigzag", True, None, False),
+    (3, "contiguous", False, None, False),
+    (4, "zigzag", True, 40, False),
+    (2, "zigzag", True, None, True),
+    (4, "zigzag_docs", True, None, True),
+]
+
+
+def _docs(n, world, layout):
+    if layout == "zigzag_docs":
+        u = 2 * world
+        return [0, 3 * u, n - 5 * u, n]
+    return [0, 37, n - 50, n]
+
+
+KERNELS = [("cpu", None)]
+if torch.cuda.is_available():  # auto, and every CUDA kernel inside real multi-step rings
+    KERNELS += [("cuda", None), ("cuda", "cuda_flash"), ("cuda", "cuda_efficient")]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        KERNELS.append(("cuda", "cuda_cudnn"))
+
+
+@pytest.mark.parametrize("device,kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("world,layout,causal,window,docs", CASES)
+def test_virtual_ring_matches_reference(device, kernel, dtype, world, layout, causal, window, docs):
+    if kernel in ("cuda_flash", "cuda_cudnn") and dtype == torch.float32:
+        pytest.skip(f"{kernel} is fp16/bf16 only")
+    if device == "cpu" and dtype == torch.bfloat16 and world > 2:
+        pytest.skip("bf16 on CPU is covered at ring 2 (and in test_ring_core)")
+    torch.manual_seed(0)
+    n, d = 2 * world * 48, 64
+    q, k, v = (torch.randn(2, h, n, d, dtype=torch.float64) for h in (8, 2, 2))
+    do = torch.randn(2, 8, n, d, dtype=torch.float64)
+    cu = _docs(n, world, layout) if docs else None
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = reference_attention(*full, causal=causal, window=window, cu_seqlens=cu)
+    ref.backward(do)
+    refs = [ref.detach()] + [t.grad for t in full]
+
+    if layout == "contiguous":
+        shard = lambda x, r: x.chunk(world, dim=2)[r]  # noqa: E731
+    elif layout == "zigzag_docs":
+        shard = lambda x, r: torch.cat([hra.zigzag_shard(x[:, :, a:b], dim=2, rank=r, world_size=world)  # noqa: E731
+                                        for a, b in zip(cu, cu[1:])], dim=2)
+    else:
+        shard = lambda x, r: hra.zigzag_shard(x, dim=2, rank=r, world_size=world)  # noqa: E731
+    put = lambda x, r: shard(x, r).to(device, dtype).contiguous()  # noqa: E731
+    res = run_virtual_ring([put(q, r) for r in range(world)], [put(k, r) for r in range(world)],
+                           [put(v, r) for r in range(world)], [put(do, r) for r in range(world)],
+                           layout=layout, causal=causal, window=window, cu_seqlens=cu, kernel=kernel)
+    errs = [max((res[r][i].double().cpu() - shard(refs[i], r)).abs().max().item() for r in range(world))
+            for i in range(4)]
+
+    mask = allowed_mask(n, causal=causal, window=window, cu_seqlens=cu).to(device)
+    sd = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+    so = F.scaled_dot_product_attention(*sd, attn_mask=mask, enable_gqa=True)
+    so.backward(do.to(device, dtype))
+    base = [(a.double().cpu() - r).abs().max().item() for a, r in zip([so.detach()] + [t.grad for t in sd], refs)]
+    slack = 1e-3 if dtype == torch.bfloat16 else (1e-5 if device == "cuda" else 2e-5)
+    for name, e, b in zip(("out", "dq", "dk", "dv"), errs, base):
+        assert e <= 2 * b + slack, (name, errs, base)
