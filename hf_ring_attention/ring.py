@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .comm import RingComm
 from .kernels import Kernel, merge_, select_kernel
+from . import plan as plan_mod
 from .plan import LAYOUTS, MaskSpec, Task, step_tasks
 
 # On CPU, full blocks run their backward in pieces of this many query rows: it bounds the
@@ -40,9 +41,17 @@ class RingConfig:
 
 
 @lru_cache(maxsize=64)
-def _tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int) -> tuple[Task, ...]:
+def _tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int,
+           split_bands: bool = False, tile_rows: int = plan_mod.TILE_ROWS) -> tuple[Task, ...]:
     # Plans depend only on these; layers of a model reuse them.
-    return tuple(step_tasks(spec, layout, rank, source, world_size, local_len))
+    return tuple(step_tasks(spec, layout, rank, source, world_size, local_len, tile_rows, split_bands))
+
+
+def _plan(cfg: RingConfig, step: int, q: torch.Tensor) -> tuple[Task, ...]:
+    """This rank's block tasks at ``step`` (against the shard of rank - step); bands are split on GPUs."""
+    c = cfg.world_size
+    return _tasks(cfg.spec, cfg.layout, cfg.rank, (cfg.rank - step) % c, c, q.shape[2], q.device.type != "cpu",
+                  plan_mod.TILE_ROWS)
 
 
 def _rows(t: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -59,9 +68,9 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingCon
     for step in range(c):
         if step + 1 < c:
             nxt = comm.send_recv([k, v])  # overlap: next shard travels while we compute
-        for t in _tasks(cfg.spec, cfg.layout, r, (r - step) % c, c, s_local):
+        for t in _plan(cfg, step, q):
             bo, bl = cfg.kernel.forward(_rows(q, t.q), _rows(k, t.k), _rows(v, t.k), scale=cfg.scale,
-                                        causal=t.kind == "causal", mask=_dev(t.mask(), q))
+                                        causal=t.kind == "causal", mask=t.mask(q.device))
             merge_(_rows(out, t.q), _rows(lse, t.q), bo, bl)
         if step + 1 < c:
             comm.wait()
@@ -87,8 +96,8 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         if step > 0:
             dkv_comm.wait()  # the accumulators of the shard we now hold, from rank r-1
             dk, dv = dkv_recv
-        for t in _tasks(cfg.spec, cfg.layout, r, (r - step) % c, c, s_local):
-            kb, vb, mask = _rows(k, t.k), _rows(v, t.k), _dev(t.mask(), q)
+        for t in _plan(cfg, step, q):
+            kb, vb, mask = _rows(k, t.k), _rows(v, t.k), t.mask(q.device)
             pieces = [t.q] if t.kind != "full" or piece_rows is None else [
                 slice(a, min(a + piece_rows, t.q.stop)) for a in range(t.q.start, t.q.stop, piece_rows)]
             for qs in pieces:
@@ -109,10 +118,6 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
         dkv_comm.wait()  # after C hops our own shard's accumulators are home
         dk, dv = dkv_recv
     return dq.to(q.dtype), dk.to(k_dtype), dv.to(v_dtype)
-
-
-def _dev(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if mask is None else mask.to(like.device, non_blocking=True)
 
 
 class _RingAttention(torch.autograd.Function):

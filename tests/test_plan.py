@@ -20,14 +20,14 @@ def _global_index(layout, rank, world, local_len, cu):
     return idx
 
 
-def coverage(spec, layout, world, n, tile_rows):
+def coverage(spec, layout, world, n, tile_rows, split_bands=False):
     """(N, N) int: how many tasks of the whole ring compute each (query, key) pair."""
     local = n // world
     cnt = torch.zeros(n, n, dtype=torch.int32)
     for r, src in itertools.product(range(world), range(world)):
         qi, ki = _global_index(layout, r, world, local, spec.cu_seqlens), \
             _global_index(layout, src, world, local, spec.cu_seqlens)
-        for t in step_tasks(spec, layout, r, src, world, local, tile_rows=tile_rows):
+        for t in step_tasks(spec, layout, r, src, world, local, tile_rows=tile_rows, split_bands=split_bands):
             nq, nk = t.q.stop - t.q.start, t.k.stop - t.k.start
             if t.kind == "full":
                 m = torch.ones(nq, nk, dtype=torch.bool)
@@ -58,12 +58,29 @@ CASES = [  # (world, layout, causal, window, docs, tile_rows)
 ]
 
 
+@pytest.mark.parametrize("split_bands", [False, True])
 @pytest.mark.parametrize("world,layout,causal,window,docs,tile_rows", CASES)
-def test_tasks_cover_each_allowed_pair_exactly_once(world, layout, causal, window, docs, tile_rows):
+def test_tasks_cover_each_allowed_pair_exactly_once(world, layout, causal, window, docs, tile_rows, split_bands):
     n = 192
     spec = MaskSpec(causal=causal, window=window, cu_seqlens=docs)
-    cnt = coverage(spec, layout, world, n, tile_rows)
+    cnt = coverage(spec, layout, world, n, tile_rows, split_bands)
     want = allowed_mask(n, causal=causal, window=window, cu_seqlens=docs).to(torch.int32)
     bad = (cnt != want).nonzero()
     assert bad.numel() == 0, f"{len(bad)} pairs wrong, first (q, k, count, allowed): " + \
         str([(int(i), int(j), int(cnt[i, j]), int(want[i, j])) for i, j in bad[:5]])
+
+
+def test_split_bands_leave_only_narrow_masked_strips():
+    # Sliding window 1024 over 512-row tiles (ring 2, N = 8192): the split plan masks about a third
+    # of what the unsplit plan masks, and computes no more pairs in all.
+    spec = MaskSpec(causal=True, window=1024)
+
+    def area(split):
+        out = {}
+        for r, src in itertools.product(range(2), range(2)):
+            for t in step_tasks(spec, "zigzag", r, src, 2, 4096, split_bands=split):
+                out[t.kind] = out.get(t.kind, 0) + (t.q.stop - t.q.start) * (t.k.stop - t.k.start)
+        return out
+    plain, split = area(False), area(True)
+    assert split["masked"] < 0.4 * plain["masked"], (plain, split)
+    assert sum(split.values()) <= sum(plain.values()), (plain, split)

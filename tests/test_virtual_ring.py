@@ -25,6 +25,7 @@ CASES = [  # (world, layout, causal, window, docs)
     (4, "zigzag", True, None, False),
     (3, "contiguous", False, None, False),
     (4, "zigzag", True, 40, False),
+    (4, "zigzag", True, 100, False),  # window wider than a chunk's tile: split into causal/full/strips on GPU
     (2, "zigzag", True, None, True),
     (4, "zigzag_docs", True, None, True),
 ]
@@ -37,7 +38,7 @@ def _docs(n, world, layout):
     return [0, 37, n - 50, n]
 
 
-KERNELS = [("cpu", None)]
+KERNELS = [("cpu", None), ("cpu", "split")]  # "split": the GPU plan (split_bands) on the CPU kernels
 if torch.cuda.is_available():  # auto, and every CUDA kernel inside real multi-step rings
     KERNELS += [("cuda", None), ("cuda", "cuda_flash"), ("cuda", "cuda_efficient")]
     if torch.cuda.get_device_capability() >= (9, 0):
@@ -50,6 +51,8 @@ if torch.cuda.is_available():  # auto, and every CUDA kernel inside real multi-s
 def test_virtual_ring_matches_reference(device, kernel, dtype, world, layout, causal, window, docs):
     if kernel in ("cuda_flash", "cuda_cudnn") and dtype == torch.float32:
         pytest.skip(f"{kernel} is fp16/bf16 only")
+    if kernel == "split" and window is None:
+        pytest.skip("split_bands changes only windowed plans")
     if device == "cpu" and dtype == torch.bfloat16 and world > 2:
         pytest.skip("bf16 on CPU is covered at ring 2 (and in test_ring_core)")
     torch.manual_seed(0)
@@ -70,9 +73,12 @@ def test_virtual_ring_matches_reference(device, kernel, dtype, world, layout, ca
     else:
         shard = lambda x, r: hra.zigzag_shard(x, dim=2, rank=r, world_size=world)  # noqa: E731
     put = lambda x, r: shard(x, r).to(device, dtype).contiguous()  # noqa: E731
+    force = {}
+    if kernel == "split":
+        force, kernel = dict(split_bands=True, tile_rows=16), None  # 16-row tiles: bands split at these sizes
     res = run_virtual_ring([put(q, r) for r in range(world)], [put(k, r) for r in range(world)],
                            [put(v, r) for r in range(world)], [put(do, r) for r in range(world)],
-                           layout=layout, causal=causal, window=window, cu_seqlens=cu, kernel=kernel)
+                           layout=layout, causal=causal, window=window, cu_seqlens=cu, kernel=kernel, **force)
     errs = [max((res[r][i].double().cpu() - shard(refs[i], r)).abs().max().item() for r in range(world))
             for i in range(4)]
 

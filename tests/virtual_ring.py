@@ -56,8 +56,9 @@ class _ThreadComm:
 
 
 def run_virtual_ring(q_shards, k_shards, v_shards, dout_shards, *, layout="zigzag", causal=True, window=None,
-                     cu_seqlens=None, kernel=None, scale=None):
-    """Per-rank (out, dq, dk, dv) of the ring over the given shards (one list entry per rank)."""
+                     cu_seqlens=None, kernel=None, scale=None, split_bands=None, tile_rows=None):
+    """Per-rank (out, dq, dk, dv) of the ring over the given shards (one list entry per rank).
+    ``split_bands`` / ``tile_rows``: force the planner's choices (default: the ring's)."""
     world = len(q_shards)
     boxes, lock = defaultdict(queue.Queue), threading.Lock()
     spec = MaskSpec(causal=causal, window=window, cu_seqlens=None if cu_seqlens is None else tuple(cu_seqlens))
@@ -75,7 +76,12 @@ def run_virtual_ring(q_shards, k_shards, v_shards, dout_shards, *, layout="zigza
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             errors.append((r, e))
 
-    with mock.patch.object(ring_mod, "RingComm", _ThreadComm):
+    orig_tasks = ring_mod._tasks
+
+    def tasks(spec, layout, rank, source, world_size, local_len, split, rows):
+        return orig_tasks(spec, layout, rank, source, world_size, local_len,
+                          split if split_bands is None else split_bands, rows if tile_rows is None else tile_rows)
+    with mock.patch.object(ring_mod, "RingComm", _ThreadComm), mock.patch.object(ring_mod, "_tasks", tasks):
         threads = [threading.Thread(target=rank_fn, args=(r,), daemon=True) for r in range(world)]
         for t in threads:
             t.start()
