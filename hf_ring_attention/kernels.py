@@ -308,5 +308,8 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_
     diff = block_lse - lse
     diff = torch.where(torch.isnan(diff), float("-inf"), diff)  # -inf - -inf: the block adds nothing
     w = torch.sigmoid(diff).unsqueeze(-1)
-    out.sub_(w * (out - block_out.to(out.dtype)))
+    # out += w * (out_b - out), in place: block_out is the kernel's fresh output (or its fp32 copy),
+    # so it serves as the one temporary.
+    delta = block_out.to(out.dtype)
+    out.add_(delta.sub_(out).mul_(w))
     lse.copy_(torch.logaddexp(lse, block_lse))
