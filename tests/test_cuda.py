@@ -89,3 +89,37 @@ def test_nccl_ring_matches_reference():
     for errs, base in run_ranks(_nccl, 2, backend="nccl"):
         for e, b in zip(errs, base):
             assert e <= 2 * b + 1e-3, (errs, base)
+
+
+def _model_errors(family, device, n=200):
+    """Relative errors (loss, logits, grads) against the fp32 unpatched model on CPU: of the bf16
+    ring-patched model (ring size 1, this process) and of the bf16 unpatched model on ``device``."""
+    from models import tiny_model, token_batch
+
+    ids = token_batch(n)
+    ref = tiny_model(family).train()
+    ro = ref(input_ids=ids, labels=ids, use_cache=False)
+    ro.loss.backward()
+    rg = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    rel = lambda a, b: ((a.float().cpu() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    errs = []
+    for patched in (True, False):
+        m = tiny_model(family, dtype=torch.bfloat16).to(device).train()
+        if patched:
+            hra.apply_ring_attention(m)
+            batch = hra.shard_batch({"input_ids": ids, "labels": ids}, None)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        else:
+            batch = dict(input_ids=ids.to(device), labels=ids.to(device), use_cache=False)
+        o = m(**batch)
+        o.loss.backward()
+        errs.append((abs(o.loss.item() - ro.loss.item()) / ro.loss.item(), rel(o.logits[:, :n], ro.logits.detach()),
+                     rel(torch.cat([p.grad.flatten() for p in m.parameters()]), rg)))
+    return errs
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: sliding window 12 < 200 tokens
+def test_patched_model_on_gpu_bf16_within_twice_unpatched(family):
+    ring, plain = _model_errors(family, "cuda")
+    for name, e, b in zip(("loss", "logits", "grads"), ring, plain):
+        assert e <= 2 * b + 1e-3, (family, name, ring, plain)
