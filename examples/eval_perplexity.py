@@ -151,7 +151,8 @@ def save_results(rows: list[dict], output_dir: str) -> str:
 
 
 def plot_results(csv_path: str, png_path: str) -> str:
-    """Perplexity vs context length (log2 x), one line per label; a rerun replaces older points."""
+    """Perplexity vs context length (log2 x; log y when values span more than 10x), one line per
+    label; a rerun replaces older points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,8 +169,13 @@ def plot_results(csv_path: str, png_path: str) -> str:
         ax.plot(xs, [by_length[x] for x in xs], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))  # 1024, not 2^10
+    ys = [y for by_length in points.values() for y in by_length.values() if y > 0]
+    log_y = bool(ys) and max(ys) / min(ys) > 10  # a blow-up past the trained length would flatten the rest
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("perplexity")
+    ax.set_ylabel("perplexity (log scale)" if log_y else "perplexity")
     ax.set_title("Perplexity vs context length")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

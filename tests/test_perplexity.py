@@ -170,3 +170,28 @@ def test_logit_softcapping_refused():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
         evaluate_perplexity(model, token_batch(TOKENS, batch=1)[0], [16])
+
+
+def test_plot_uses_log_y_when_values_span_more_than_10x(tmp_path):
+    import importlib.util
+    import os
+
+    pytest.importorskip("matplotlib", reason="the plot needs matplotlib: pip install -e '.[demo]'")
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "eval_perplexity.py")
+    spec = importlib.util.spec_from_file_location("eval_perplexity", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real_close = plt.close
+    plt.close = lambda fig: (seen.append(fig.axes[0].get_yscale()), real_close(fig))
+    try:
+        for rows, want in (([("a", 1024, 3.2), ("a", 2048, 325.0)], "log"), ([("a", 1024, 3.2), ("b", 1024, 4.1)], "linear")):
+            csv_path = tmp_path / f"{want}.csv"
+            csv_path.write_text("label,context_length,perplexity\n" + "".join(f"{l},{c},{p}\n" for l, c, p in rows))
+            png = mod.plot_results(str(csv_path), str(tmp_path / f"{want}.png"))
+            assert os.path.getsize(png) > 1000
+            assert seen[-1] == want
+    finally:
+        plt.close = real_close
