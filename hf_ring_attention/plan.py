@@ -139,8 +139,7 @@ def _split_tile(qsub: slice, pos: torch.Tensor, tlo: torch.Tensor, thi: torch.Te
     tasks = []
     if bool((thi == pos).all()) and first >= k0 and lo_max <= first:
         tasks.append(Task(qsub, kslice(first, first + n - 1), "causal"))  # row i: keys first .. first + i
-        hi_min = hi_max = first - 1  # what is left of every row ends before the square
-        thi = torch.full_like(thi, first - 1)
+        hi_min = hi_max = first - 1  # what is left of every row ends before the square: no right strip
     if lo_max > hi_min + 1:
         return None  # the rows share no key
     if 2 * (max(hi_min - lo_max + 1, 0) + (n if tasks else 0)) < width:

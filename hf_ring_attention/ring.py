@@ -42,7 +42,7 @@ class RingConfig:
 
 @lru_cache(maxsize=64)
 def _tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int,
-           split_bands: bool = False, tile_rows: int = plan_mod.TILE_ROWS) -> tuple[Task, ...]:
+           split_bands: bool, tile_rows: int) -> tuple[Task, ...]:
     # Plans depend only on these; layers of a model reuse them.
     return tuple(step_tasks(spec, layout, rank, source, world_size, local_len, tile_rows, split_bands))
 
@@ -64,7 +64,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingCon
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
     comm = RingComm(cfg.group) if cfg.world_size > 1 else None
-    r, c, s_local = cfg.rank, cfg.world_size, q.shape[2]
+    c = cfg.world_size
     for step in range(c):
         if step + 1 < c:
             nxt = comm.send_recv([k, v])  # overlap: next shard travels while we compute
@@ -87,7 +87,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no key: p = exp(s - inf) = 0
     kv_comm = RingComm(cfg.group) if cfg.world_size > 1 else None
     dkv_comm = RingComm(cfg.group) if cfg.world_size > 1 else None
-    r, c, s_local = cfg.rank, cfg.world_size, q.shape[2]
+    c = cfg.world_size
     k_dtype, v_dtype = k.dtype, v.dtype
     piece_rows = BWD_Q_ROWS if q.device.type == "cpu" else None
     for step in range(c):
@@ -152,7 +152,8 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         sliding_window: keep keys with q_idx - kv_idx < sliding_window (causal only).
         cu_seqlens: global document boundaries (0, ..., N) of packed sequences (same for the
             whole batch): queries attend only within their document.
-        kernel: block kernel name ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "flash_attn", "math").
+        kernel: block kernel name ("auto", "cpu_flash", "cuda_cudnn", "cuda_flash", "cuda_efficient",
+            "flash_attn", "math").
 
     Returns:
         (B, Hq, S_local, D) in query's dtype, differentiable in query, key and value.
