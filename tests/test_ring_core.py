@@ -84,8 +84,8 @@ def _errors(rank, world, case, dtype, kernel, chunk, options=None):
 
 
 def _check_all(rank, world, dtype, kernel, chunk, bwd_rows=None):
-    # bwd_rows: exercise the backward's split of full blocks into row pieces
-    options = None if bwd_rows is None else hra.RingOptions(bwd_q_rows=bwd_rows)
+    # bwd_rows = (query rows, key rows): exercise the backward's split of every block into pieces
+    options = None if bwd_rows is None else hra.RingOptions(bwd_q_rows=bwd_rows[0], bwd_kv_rows=bwd_rows[1])
     report = []
     for case in CASES:
         errs, base = _errors(rank, world, case, dtype, kernel, chunk, options)
@@ -100,8 +100,11 @@ def test_fp32_matches_fp64_reference(world):
             assert max(errs) < 2e-5, f"{case}: max |err| of (out, dq, dk, dv) = {errs}"
 
 
-def test_backward_in_row_pieces_is_exact():
-    for rank_report in run_ranks(_check_all, 2, torch.float32, None, 12, 5):
+@pytest.mark.parametrize("rows", [(5, 7), (None, 3)])
+def test_backward_in_row_pieces_is_exact(rows):
+    # Blocks of 12-24 rows cut into pieces of 5 query x 7 key rows, or 3 key rows: causal squares
+    # with full blocks left of them, masked tiles' columns, pieces whose mask allows nothing.
+    for rank_report in run_ranks(_check_all, 2, torch.float32, None, 12, rows):
         for case, errs, _ in rank_report:
             assert max(errs) < 2e-5, f"{case}: {errs}"
 
