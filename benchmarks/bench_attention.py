@@ -22,6 +22,8 @@ one process (runs one layout only). Reported per configuration:
 - peak mem/rank: the largest per-rank peak RSS above the RSS right before the inputs
   are created (after one warm-up step; glibc's mmap threshold pinned, see _common.py).
   It counts q, k, v, dout, out and all gradients as well as every temporary;
+- working mem/rank: the largest per-rank peak RSS above the RSS once q, k, v and dout exist
+  (attention's own memory: out, lse, gradients, received blocks, kernel scratch);
 - balance: slowest rank's median / fastest rank's median, in wall time (ranks wait for
   each other, so this stays near 1) and in CPU time (the work each rank actually did);
 - steps with work: ring steps (summed over ranks) whose plan computes any block;
@@ -45,10 +47,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 
 def run_case(rank, world, c):
     """One configuration on one rank; c is a dict (see main). Returns this rank's measurements."""
-    from hf_ring_attention import ring_attention
+    from hf_ring_attention import RingOptions, ring_attention
 
     dtype, s = DTYPES[c["dtype"]], c["seq"] // world
     b, hq, hkv, d = c["batch"], c["heads"], c["kv_heads"], c["head_dim"]
+    rows = {k: c[k] for k in ("bwd_q_rows", "bwd_kv_rows") if c[k]}
+    options = RingOptions(**rows) if rows else None
     mask = None
     if c["kind"] == "sdpa" and c["window"]:
         i = torch.arange(c["seq"])
@@ -65,7 +69,7 @@ def run_case(rank, world, c):
     def forward(q, k, v):
         if c["kind"] == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return ring_attention(q, k, v, layout=c["layout"], sliding_window=c["window"] or None)
+        return ring_attention(q, k, v, layout=c["layout"], sliding_window=c["window"] or None, options=options)
 
     def step(q, k, v, dout):
         q.grad = k.grad = v.grad = None
@@ -81,6 +85,7 @@ def run_case(rank, world, c):
     mem = _common.PeakRSS()
     mem.start()
     q, k, v, dout = make()
+    inputs_rss = _common.rss_bytes()  # q, k, v, dout resident: the working memory is counted above this
     wall, cpu, fwd = [], [], []
     for _ in range(c["repeats"]):
         if world > 1:
@@ -90,7 +95,8 @@ def run_case(rank, world, c):
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         fwd.append(t_fwd - t0)
-    res = dict(wall=wall, cpu=cpu, fwd=fwd, peak_rss=mem.peak(), base_rss=mem.base)
+    res = dict(wall=wall, cpu=cpu, fwd=fwd, peak_rss=mem.peak(), base_rss=mem.base,
+               work_rss=mem.peak() + mem.base - inputs_rss)
     del q, k, v, dout
     if c["torch_mem"]:
         if world > 1:
@@ -115,7 +121,8 @@ def summarise(per_rank):
     out = dict(time=max(wall), cpu=max(cpu), fwd=max(med("fwd")), wall_per_rank=wall, cpu_per_rank=cpu,
                wall_all=[r["wall"] for r in per_rank], cpu_all=[r["cpu"] for r in per_rank],
                balance_wall=max(wall) / min(wall), balance_cpu=max(cpu) / min(cpu),
-               peak=max(r["peak_rss"] for r in per_rank), peak_per_rank=[r["peak_rss"] for r in per_rank])
+               peak=max(r["peak_rss"] for r in per_rank), peak_per_rank=[r["peak_rss"] for r in per_rank],
+               work=max(r["work_rss"] for r in per_rank), work_per_rank=[r["work_rss"] for r in per_rank])
     if "torch_peak" in per_rank[0]:
         out["torch_peak"] = max(r["torch_peak"] for r in per_rank)
     return out
@@ -135,6 +142,10 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (baseline too)")
     p.add_argument("--repeats", type=int, default=3, help="timed forward+backward steps per configuration")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--bwd-q-rows", type=int, default=None,
+                   help="RingOptions.bwd_q_rows: query rows per backward kernel call (default: the package's)")
+    p.add_argument("--bwd-kv-rows", type=int, default=None,
+                   help="RingOptions.bwd_kv_rows: key rows per backward kernel call (default: the package's)")
     p.add_argument("--torch-mem", action="store_true", help="also count live torch allocations (profiler)")
     p.add_argument("--no-baseline", action="store_true", help="skip the single-process SDPA runs")
     p.add_argument("--json", default=None, help="write all measurements to this path")
@@ -153,7 +164,8 @@ def main():
         if n % (2 * c):
             p.error(f"--seq {n} must be a multiple of 2 * ring size ({2 * c})")
     base = dict(seq=n, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, torch_mem=args.torch_mem)
+                dtype=args.dtype, repeats=args.repeats, warmup=args.warmup, torch_mem=args.torch_mem,
+                bwd_q_rows=args.bwd_q_rows, bwd_kv_rows=args.bwd_kv_rows)
     load_before = _common.load_average()
     t_start = time.time()
     rows, baseline, causal_time = [], {}, {}
@@ -180,6 +192,7 @@ def main():
                     r["speedup"] = baseline[win]["time"] / r["time"]
                     r["speedup_cpu"] = baseline[win]["cpu"] / r["cpu"]
                     r["mem_ratio"] = r["peak"] / baseline[win]["peak"]
+                    r["work_ratio"] = r["work"] / baseline[win]["work"]
                 rows.append(dict(attention=attn, impl="ring", layout=layout if c > 1 else "-", ring=c, **r))
     load_after = _common.load_average()
 
@@ -190,19 +203,23 @@ def main():
         r["spc"] = f"{r['speedup_cpu']:.2f}x" if "speedup_cpu" in r else "1.00x" if r["impl"] == "SDPA" else ""
         r["mem"] = mib(r["peak"]) + (f" ({mib(r['torch_peak'])})" if "torch_peak" in r else "")
         r["mr"] = f"{r['mem_ratio']:.2f}" if "mem_ratio" in r else "1.00" if r["impl"] == "SDPA" else ""
+        r["wm"] = mib(r["work"])
+        r["wr"] = f"{r['work_ratio']:.2f}" if "work_ratio" in r else "1.00" if r["impl"] == "SDPA" else ""
         r["bal"] = f"{r['balance_wall']:.2f} / {r['balance_cpu']:.2f}"
         r["st"] = f"{r['steps'][0]}/{r['steps'][1]}" if "steps" in r else ""
         r["vc"] = f"{r['vs_causal']:.2f} / {r['vs_causal_cpu']:.2f}" if "vs_causal" in r else ""
     cols = [("attention", "attention"), ("impl", "impl"), ("layout", "layout"), ("ring", "procs"),
             ("t", "time/rank (s)"), ("sp", "speedup"), ("spc", "cpu-time speedup"), ("mem", "peak mem/rank (MiB)"),
-            ("mr", "mem vs SDPA"), ("bal", "balance wall / cpu"), ("st", "steps with work"),
+            ("mr", "mem vs SDPA"), ("wm", "working mem/rank (MiB)"), ("wr", "working vs SDPA"),
+            ("bal", "balance wall / cpu"), ("st", "steps with work"),
             ("vc", "vs causal wall / cpu")]
     print()
     print(f"N={n}, B={args.batch}, {args.heads} q heads / {args.kv_heads} kv heads, D={args.head_dim}, "
           f"{args.dtype}, fwd+bwd, {args.threads} thread(s) per process, median of {args.repeats} "
           f"(+{args.warmup} warm-up), torch {torch.__version__}; load avg before: {load_before}, after: "
           f"{load_after}; {time.time() - t_start:.0f} s in all")
-    mem_note = "peak RSS above the pre-input RSS, q/k/v/dout/out/grads included"
+    mem_note = ("peak mem: peak RSS above the pre-input RSS, q/k/v/dout/out/grads included; working mem: "
+                "peak RSS above the RSS once q/k/v/dout exist (out, grads and every temporary)")
     print(f"memory: {mem_note}" + ("; (in brackets: live torch allocations)" if args.torch_mem else ""))
     print()
     print(_common.markdown_table(rows, cols))
