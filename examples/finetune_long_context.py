@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 import hf_ring_attention as hra
-from hf_ring_attention.training import batch_stream, make_accelerator, make_dataloader, pack_documents, training_step
+from hf_ring_attention.training import (batch_stream, enable_checkpointing, make_accelerator, make_dataloader,
+                                        pack_documents, training_step)
 
 
 def arg(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
@@ -81,6 +82,8 @@ class TrainConfig:
                                       "constant_with_warmup, ...")
     warmup_steps: int = arg(0, "scheduler warmup steps")
     gradient_checkpointing: bool = arg(False, "recompute layer activations in backward (less memory)")
+    activation_offload: bool = arg(False, "keep the checkpointed layers' inputs in pinned host memory (transformers' "
+                                          "offload; needs gradient_checkpointing; GPU only, ignored on CPU)")
     precision: str = arg("no", "'no' (fp32) or 'bf16' (autocast; fp32 master weights)")
     output_dir: str = arg("outputs/run", "checkpoints and metrics.jsonl; must be empty unless resuming "
                                          "or overwriting")
@@ -123,6 +126,9 @@ def load_config(argv=None) -> TrainConfig:
     config = TrainConfig(**values)
     if config.precision not in ("no", "bf16"):
         raise ValueError(f"precision={config.precision!r}: choose 'no' or 'bf16'")
+    if config.activation_offload and not config.gradient_checkpointing:
+        raise ValueError("activation_offload: true offloads the inputs of checkpointed layers; set "
+                         "gradient_checkpointing: true as well (or activation_offload: false)")
     return config
 
 
@@ -328,9 +334,10 @@ def training_function(config: TrainConfig, args=None):
     tokenizer = AutoTokenizer.from_pretrained(config.resume_from or config.tokenizer or source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model.config.attention_dropout = 0.0
-    if config.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if config.gradient_checkpointing:  # transformers' checkpointing; offload: layer inputs in host memory
+        offloaded = enable_checkpointing(model, offload=config.activation_offload)
+        if config.activation_offload and not offloaded:
+            accelerator.print("activation_offload: no accelerator, activations are in host memory already: ignored")
     hra.apply_ring_attention(model, groups)  # before prepare: DDP/FSDP wrap the patched model
 
     dataset, pad_id = build_dataset(config, tokenizer, accelerator)
