@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .compat import check_model, match_head_dims
 from .ring import ring_attention
 from .sharding import zigzag_unshard
 
@@ -88,8 +89,10 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                          "(it attaches the process group); set the implementation through that call")
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"ring attention does not implement {what} ({name}={kwargs[name]!r}); "
-                                      "use the model's own attention implementation")
+            value = kwargs[name]  # never print the tensor itself
+            shown = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else repr(value)
+            raise NotImplementedError(f"ring attention does not implement {what} (the attention kwarg {name!r} is "
+                                      f"{shown}); run the model with its own attention implementation")
     if dropout:
         raise ValueError(f"attention dropout={dropout} is not supported by ring attention; set "
                          "model.config.attention_dropout = 0.0")
@@ -111,6 +114,8 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         docs = [list(d) for d in docs]
     else:
         docs = state.document_bounds(kwargs.get("position_ids"), query.shape[0])
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # of the q/k head dim, before padding
+    query, key, value, head_dim_v = match_head_dims(query, key, value)  # MLA: value head dim != q/k head dim
     common = dict(group=state.group, causal=True, scale=scaling, layout=layout,
                   sliding_window=sliding_window, kernel=state.kernel)
     device_type = query.device.type
@@ -125,7 +130,7 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         else:  # rows packed differently: one ring pass per row
             out = torch.cat([ring_attention(query[i:i + 1], key[i:i + 1], value[i:i + 1], cu_seqlens=d,
                                             **common) for i, d in enumerate(docs)], dim=0)
-    return out.transpose(1, 2).contiguous(), None
+    return out[..., :head_dim_v].transpose(1, 2).contiguous(), None
 
 
 def ring_mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
@@ -185,15 +190,14 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | No
         The same model (idempotent: a second call only updates the group).
 
     Raises:
-        NotImplementedError: encoder-decoder models or models that cannot switch attention.
+        NotImplementedError: models the ring would compute wrongly (see ``compat.check_model``: token
+            mixers outside attention, local positions, sinks, chunked or bidirectional attention, ...)
+            or that cannot switch attention; the model is left unpatched.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(f"{type(model).__name__} is not a transformers PreTrainedModel")
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError("encoder-decoder models are not supported by ring attention")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by ring attention")
+    check_model(model)  # families the ring would compute silently wrong (hf_ring_attention.compat)
     _register()
     ring = _resolve_group(group)
     world = dist.get_world_size(ring) if dist.is_initialized() else 1
@@ -206,7 +210,7 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | No
                                       "(it does not use transformers' AttentionInterface)")
         hook = model.register_forward_pre_hook(
             lambda m, a, k: _check_call(m, a, k, getattr(m, _STATE_ATTR)), with_kwargs=True)
-        model._hf_ring_saved = (previous, config.use_cache, hook)
+        model._hf_ring_saved = (previous, getattr(config, "use_cache", None), hook)  # some configs lack it
         config.use_cache = False
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)

@@ -12,6 +12,8 @@ ring-flash-attention.)
 
 from __future__ import annotations
 
+import operator
+import reprlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -223,7 +225,22 @@ def _check_across_ranks(q, k, group, world) -> None:
 def _check_cu_seqlens(cu, total: int) -> tuple[int, ...] | None:
     if cu is None:
         return None
-    vals = tuple(int(x) for x in (cu.tolist() if torch.is_tensor(cu) else cu))
+    fix = "pass a 1-D int64 tensor or a list of ints (one set of boundaries for the whole batch)"
+    if torch.is_tensor(cu):
+        if cu.dim() != 1 or cu.is_floating_point() or cu.is_complex() or cu.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens must be 1-D integers; got a tensor of dtype {cu.dtype} and shape "
+                             f"{tuple(cu.shape)}: {fix}")
+        cu = cu.tolist()
+    vals = []
+    for x in cu:
+        try:  # operator.index refuses floats, which int() would truncate silently (1.7 -> 1)
+            if isinstance(x, bool):
+                raise TypeError
+            vals.append(operator.index(x))
+        except TypeError:
+            raise ValueError(f"cu_seqlens must hold integers; got {reprlib.repr(x)} of type {type(x).__name__}: "
+                             f"{fix}") from None
+    vals = tuple(vals)
     if len(vals) < 2 or vals[0] != 0 or vals[-1] != total or any(b <= a for a, b in zip(vals, vals[1:])):
         raise ValueError(f"cu_seqlens must increase strictly from 0 to the global length {total}; got {vals}")
     return vals

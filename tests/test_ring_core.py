@@ -148,6 +148,10 @@ def test_local_lengths_that_differ_across_ranks_raise():
     ({"kernel": "triton"}, ((1, 2, 8, 8), (1, 2, 8, 8)), "choose one of"),
     ({"sliding_window": 4, "causal": False}, ((1, 2, 8, 8), (1, 2, 8, 8)), "needs causal=True"),
     ({"cu_seqlens": [0, 5, 3, 8]}, ((1, 2, 8, 8), (1, 2, 8, 8)), "increase strictly"),
+    # floats would truncate silently (1.7 -> 1); one set of boundaries is 1-D
+    ({"cu_seqlens": torch.tensor([0.0, 1.7, 8.0])}, ((1, 2, 8, 8), (1, 2, 8, 8)), "dtype torch.float32.*int64"),
+    ({"cu_seqlens": torch.tensor([[0, 4, 8]])}, ((1, 2, 8, 8), (1, 2, 8, 8)), r"shape \(1, 3\).*1-D"),
+    ({"cu_seqlens": [0, 1.7, 8]}, ((1, 2, 8, 8), (1, 2, 8, 8)), "got 1.7 of type float.*list of ints"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, args, match):
     qs, ks = args
