@@ -58,7 +58,7 @@ def test_attention_kwarg_refusal_shows_shape_not_values():
     with pytest.raises(NotImplementedError) as err:
         hra.integration.ring_attention_forward(model.model.layers[0].self_attn, q, q, q, None, s_aux=sinks)
     msg = str(err.value)
-    assert "attention sinks" in msg and "'s_aux'" in msg and "shape (4,)" in msg, msg
+    assert "attention sinks" in msg and "s_aux" in msg and "shape (4,)" in msg, msg
     assert "tensor(" not in msg and "0.123" not in msg, msg
 
 
