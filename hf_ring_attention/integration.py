@@ -319,6 +319,8 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
             mixers outside attention, local positions, sinks, chunked or bidirectional attention, ...)
             or that cannot switch attention; the model is left unpatched.
     """
+    from transformers import PreTrainedModel
+
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(f"{type(model).__name__} is not a transformers PreTrainedModel")
@@ -336,7 +338,8 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
                                   "(it does not use transformers' AttentionInterface)")
     entries = [model]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+    # A PreTrainedModel only: ModernBertDecoderForCausalLM.get_decoder() returns its LM head (a Linear).
+    if isinstance(decoder, PreTrainedModel) and decoder is not model:
         entries.append(decoder)  # e.g. evaluate_perplexity runs the decoder alone
     hooks = [m.register_forward_pre_hook(_before_forward, with_kwargs=True) for m in entries]
     hooks += _dynamic_rope_hooks(model, state)

@@ -58,7 +58,7 @@ OVERRIDES = {
     "zamba2": {"layers_block_type": ["mamba", "hybrid", "mamba", "hybrid"], "num_hidden_layers": 4,
                "n_mamba_heads": _MAMBA_HEADS},
     "zaya": {"num_experts_per_tok": 1},
-    "mllama": {"text_config": {"cross_attention_layers": [1]}},  # a tiny Mllama keeps one of its image cross-attention layers
+    "mllama": {"text_config": {"cross_attention_layers": [1]}},  # keep one of its image cross-attention layers
     "longcat_flash": {"num_layers": 2},
     "xlnet": {"d_inner": FFN},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
@@ -72,7 +72,6 @@ OVERRIDES = {
              "attn_config": {"kv_n_heads": KV_HEADS, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"hidden_size": HIDDEN, "ffn_hidden_size": FFN, "moe_num_experts": 4, "moe_top_k": 2}},
     # partial rotary dims, per-layer sizes, side vocabularies
-    "codegen": {"rotary_dim": 8}, "gptj": {"rotary_dim": 8}, "minimax_m3_vl_text": {"rotary_dim": 8},
     "gemma3n_text": {"num_kv_shared_layers": 0},
     "gemma4_text": {"global_head_dim": HEAD_DIM}, "gemma4_unified_text": {"global_head_dim": HEAD_DIM},
     "inkling_text": {"unpadded_vocab_size": VOCAB}, "inkling2_text": {"unpadded_vocab_size": VOCAB},
@@ -196,7 +195,8 @@ def shrink(cls, base, overrides: dict | None = None):
 
 # Settings beyond the default config that the sweep also checks: name -> (family, config settings).
 VARIANTS = {
-    "qwen2 (mixed sliding layers)": ("qwen2", {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": WINDOW,
+    "qwen2 (mixed sliding layers)": ("qwen2", {"use_sliding_window": True, "max_window_layers": 1,
+                                               "sliding_window": WINDOW,
                                                "layer_types": ["full_attention", "sliding_attention"]}),
     "gemma2 (attn_logit_softcapping=None)": ("gemma2", {"attn_logit_softcapping": None}),
     "gemma3_text (use_bidirectional_attention)": ("gemma3_text", {"use_bidirectional_attention": True}),
