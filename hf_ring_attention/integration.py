@@ -18,6 +18,7 @@ a layer in backward).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,8 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                          "Ring attention runs without a cache: call the model with use_cache=False, or "
                          "remove_ring_attention(model) before generate()")
     ctx: RingForward | None = kwargs.get("ring_context")
+    if ctx is None:  # decoder layers that drop **kwargs (StableLM, Nemotron): this forward's pre-hook stored it
+        ctx = state.forward
     if ctx is None:
         raise ValueError("ring attention was called outside a forward of the patched model (no ring_context): "
                          "call the model or its decoder (their forward agrees on the shards first), or call "
@@ -204,8 +207,17 @@ def _forward_signature(model, kwargs: dict, ids_shape, state: RingState) -> dict
     return {"batch and local length (B, S_local)": tuple(ids_shape[:2]) if ids_shape else (),
             "dtype": dtype_code(dtype), "ring size": state.ring_size,
             "ring_layout": kwargs.get("ring_layout"), "ring_documents": kwargs.get("ring_documents"),
-            "model config": tuple(repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
+            "model config": tuple(_stable_repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
             "training mode": int(model.training), "gradients enabled": int(torch.is_grad_enabled())}
+
+
+def _stable_repr(value) -> str:
+    """repr with dict keys sorted: a dict built from a set (e.g. Dory's per-layer-type rope_parameters)
+    has a key order that depends on each process's string hash seed."""
+    try:
+        return json.dumps(value, sort_keys=True, default=repr)
+    except TypeError:  # keys of mixed types
+        return repr(value)
 
 
 def _documents_from_positions(pos: torch.Tensor, state: RingState, batch: int) -> tuple:
