@@ -114,6 +114,11 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     ctx: RingForward | None = kwargs.get("ring_context")
     if ctx is None:  # decoder layers that drop **kwargs (StableLM, Nemotron): this forward's pre-hook stored it
         ctx = state.forward
+        if ctx is not None and (ctx.length != query.shape[2] * state.ring_size or len(ctx.documents) != query.shape[0]):
+            raise ValueError(f"{type(module).__name__} got no ring_context (its decoder layer drops keyword "
+                             f"arguments) and the last forward's context is for {len(ctx.documents)} rows of "
+                             f"{ctx.length} tokens, not {query.shape[0]} of {query.shape[2] * state.ring_size}: run "
+                             "each forward's backward before the next forward")
     if ctx is None:
         raise ValueError("ring attention was called outside a forward of the patched model (no ring_context): "
                          "call the model or its decoder (their forward agrees on the shards first), or call "
