@@ -18,12 +18,14 @@ a layer in backward).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .agreement import agree, dtype_code
+from .compat import check_model, match_head_dims
 from .ring import LAYOUTS, RingOptions, make_config, run_ring
 from .sharding import zigzag_unshard
 
@@ -110,6 +112,13 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
                          "Ring attention runs without a cache: call the model with use_cache=False, or "
                          "remove_ring_attention(model) before generate()")
     ctx: RingForward | None = kwargs.get("ring_context")
+    if ctx is None:  # decoder layers that drop **kwargs (StableLM, Nemotron): this forward's pre-hook stored it
+        ctx = state.forward
+        if ctx is not None and (ctx.length != query.shape[2] * state.ring_size or len(ctx.documents) != query.shape[0]):
+            raise ValueError(f"{type(module).__name__} got no ring_context (its decoder layer drops keyword "
+                             f"arguments) and the last forward's context is for {len(ctx.documents)} rows of "
+                             f"{ctx.length} tokens, not {query.shape[0]} of {query.shape[2] * state.ring_size}: run "
+                             "each forward's backward before the next forward")
     if ctx is None:
         raise ValueError("ring attention was called outside a forward of the patched model (no ring_context): "
                          "call the model or its decoder (their forward agrees on the shards first), or call "
@@ -120,6 +129,8 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         # three itself. Do the same, then run the ring outside autocast (fp32 accumulators stay fp32).
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # of the q/k head dim, before padding
+    query, key, value, head_dim_v = match_head_dims(query, key, value)  # MLA: value head dim != q/k head dim
     rank = dist.get_rank(state.group) if state.ring_size > 1 else 0
     tag = int(getattr(module, "layer_idx", 0) or 0)
 
@@ -135,7 +146,7 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             out = one(query, key, value, docs[0])
         else:  # rows packed differently: one ring pass per row
             out = torch.cat([one(query[i:i + 1], key[i:i + 1], value[i:i + 1], d) for i, d in enumerate(docs)])
-    return out.transpose(1, 2).contiguous(), None
+    return out[..., :head_dim_v].transpose(1, 2).contiguous(), None
 
 
 def ring_mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
@@ -201,8 +212,17 @@ def _forward_signature(model, kwargs: dict, ids_shape, state: RingState) -> dict
     return {"batch and local length (B, S_local)": tuple(ids_shape[:2]) if ids_shape else (),
             "dtype": dtype_code(dtype), "ring size": state.ring_size,
             "ring_layout": kwargs.get("ring_layout"), "ring_documents": kwargs.get("ring_documents"),
-            "model config": tuple(repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
+            "model config": tuple(_stable_repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
             "training mode": int(model.training), "gradients enabled": int(torch.is_grad_enabled())}
+
+
+def _stable_repr(value) -> str:
+    """repr with dict keys sorted: a dict built from a set (e.g. Dory's per-layer-type rope_parameters)
+    has a key order that depends on each process's string hash seed."""
+    try:
+        return json.dumps(value, sort_keys=True, default=repr)
+    except TypeError:  # keys of mixed types
+        return repr(value)
 
 
 def _documents_from_positions(pos: torch.Tensor, state: RingState, batch: int) -> tuple:
@@ -312,15 +332,16 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
         The same model (idempotent: a second call only updates the group and options).
 
     Raises:
-        NotImplementedError: encoder-decoder models or models that cannot switch attention.
+        NotImplementedError: models the ring would compute wrongly (see ``compat.check_model``: token
+            mixers outside attention, local positions, sinks, chunked or bidirectional attention, ...)
+            or that cannot switch attention; the model is left unpatched.
     """
+    from transformers import PreTrainedModel
+
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(f"{type(model).__name__} is not a transformers PreTrainedModel")
-    if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError("encoder-decoder models are not supported by ring attention")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by ring attention")
+    check_model(model)  # families the ring would compute silently wrong (hf_ring_attention.compat)
     _register()
     ring = _resolve_group(group)
     size = dist.get_world_size(ring) if dist.is_initialized() else 1
@@ -334,11 +355,12 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
                                   "(it does not use transformers' AttentionInterface)")
     entries = [model]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+    # A PreTrainedModel only: ModernBertDecoderForCausalLM.get_decoder() returns its LM head (a Linear).
+    if isinstance(decoder, PreTrainedModel) and decoder is not model:
         entries.append(decoder)  # e.g. evaluate_perplexity runs the decoder alone
     hooks = [m.register_forward_pre_hook(_before_forward, with_kwargs=True) for m in entries]
     hooks += _dynamic_rope_hooks(model, state)
-    model._hf_ring_saved = (previous, config.use_cache, hooks)
+    model._hf_ring_saved = (previous, getattr(config, "use_cache", None), hooks)  # some configs lack it
     config.use_cache = False
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)

@@ -151,6 +151,10 @@ def test_local_lengths_that_differ_across_ranks_raise():
     ({"kernel": "triton"}, ((1, 2, 8, 8), (1, 2, 8, 8)), "choose one of"),
     ({"sliding_window": 4, "causal": False}, ((1, 2, 8, 8), (1, 2, 8, 8)), "needs causal=True"),
     ({"cu_seqlens": [0, 5, 3, 8]}, ((1, 2, 8, 8), (1, 2, 8, 8)), "increase strictly"),
+    # floats would truncate silently (1.7 -> 1); one set of boundaries is 1-D
+    ({"cu_seqlens": torch.tensor([0.0, 1.7, 8.0])}, ((1, 2, 8, 8), (1, 2, 8, 8)), r"1-D torch.float32 tensor of shape \(3,\)"),
+    ({"cu_seqlens": torch.tensor([[0, 4, 8]])}, ((1, 2, 8, 8), (1, 2, 8, 8)), r"2-D torch.int64 tensor of shape \(1, 3\)"),
+    ({"cu_seqlens": [0, 1.7, 8]}, ((1, 2, 8, 8), (1, 2, 8, 8)), "must hold ints.*1.7"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, args, match):
     qs, ks = args
