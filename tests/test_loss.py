@@ -16,8 +16,12 @@ Tolerances (relative, norm per loss / per parameter gradient):
 - fp32: 1e-5. Both sides are fp32; the chunked sum and the ring's attention change summation
   orders only (measured <= 1e-6). Dropping the divisor, the tie, a chunk, the softcap or the
   ignore mask moves them by >= 1e-3.
-- bf16 autocast: chunked error vs the fp32 reference <= 2x the unchunked bf16 error + 1e-3 (the
-  bf16 rounding budget used across the tests; measured: the chunked error is at most ~1.1x).
+- bf16 autocast: chunked error vs the fp32 reference <= 2x the unchunked bf16 error + a budget of
+  1e-5 (loss) / 1e-4 (gradients). Both paths compute the same bf16 logits and upcast them; the
+  loss then differs by fp32 summation order only (~1e-7), so 1e-5 covers a near-zero unchunked
+  error; the gradients' budget covers the different bf16 backward matmuls. Measured (3 seeds):
+  loss 0.7-2.3e-5 both ways, gradients 4.5e-3 chunked vs 4.8e-3 unchunked; a softmax left in
+  bf16 (no upcast) gives 1.2-4.4e-4 and fails.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def _all_cases(rank, world, ring):
     return {case: _errors(groups, *case) for case in CASES}
 
 
-@pytest.mark.parametrize("world, ring", [(1, 1), (2, 2), (3, 3), (4, 2)])
+@pytest.mark.parametrize("world, ring", [(1, 1), (2, 2), (3, 3), (4, 2)], ids=["world1", "ring2", "ring3", "dp2xring2"])
 def test_chunked_loss_and_every_gradient_match_transformers(world, ring):
     if world == 1:  # an unpatched ring world of 1: no process group at all
         results = [{case: _errors(None, *case) for case in CASES}]
@@ -150,8 +154,8 @@ def test_bf16_autocast_within_twice_unchunked_error():
         out.loss.backward()
         errs[name] = (abs(out.loss.item() - ref_out.loss.item()) / ref_out.loss.item(),
                       _rel(torch.cat([p.grad.flatten() for p in m.parameters()]), ref_grads))
-    for what, e, b in zip(("loss", "grads"), errs["chunked"], errs["unchunked"]):
-        assert e <= 2 * b + 1e-3, f"{what}: chunked bf16 {e:.3g} vs unchunked bf16 {b:.3g}"
+    for what, e, b, budget in zip(("loss", "grads"), errs["chunked"], errs["unchunked"], (1e-5, 1e-4)):
+        assert e <= 2 * b + budget, f"{what}: chunked bf16 {e:.3g} vs unchunked bf16 {b:.3g}"
     assert errs["unchunked"][1] > 1e-4  # autocast really ran in bf16 (the budget is not trivially zero)
 
 
