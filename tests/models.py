@@ -6,13 +6,14 @@ import torch
 
 
 def tiny_model(family: str = "llama", *, seed: int = 0, sliding_window: int | None = 12, layers: int = 2,
-               dtype=torch.float32, tie: bool = False):
-    """A tiny model; ``tie``: lm_head.weight is the input embedding's weight (as SmolLM2, Gemma)."""
+               dtype=torch.float32, **config):
+    """A tiny random model; ``config``: extra config values (e.g. rope_parameters, tie_word_embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  attention_dropout=0.0, tie_word_embeddings=tie)
+                  attention_dropout=0.0, tie_word_embeddings=False)
+    common.update(config)
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation="sdpa"))
@@ -20,8 +21,6 @@ def tiny_model(family: str = "llama", *, seed: int = 0, sliding_window: int | No
         model = MistralForCausalLM(MistralConfig(**common, sliding_window=sliding_window, attn_implementation="sdpa"))
     else:
         raise ValueError(family)
-    if tie:
-        assert model.lm_head.weight is model.model.embed_tokens.weight
     return model.to(dtype)
 
 

@@ -40,7 +40,7 @@ def _case(rank, world, kernel, window, docs, device, dtype=torch.bfloat16):
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(*full, window=window, cu_seqlens=cu)
     ref.backward(do)
-    sh = lambda x: hra.zigzag_shard(x, dim=2, rank=rank, world_size=world)  # noqa: E731
+    sh = lambda x: hra.zigzag_shard(x, dim=2, rank=rank, ring_size=world)  # noqa: E731
     loc = [sh(t).to(device, dtype).requires_grad_() for t in (q, k, v)]
     out = hra.ring_attention(*loc, sliding_window=window, cu_seqlens=cu, kernel=kernel)
     out.backward(sh(do).to(device, dtype))
@@ -135,13 +135,13 @@ def test_chunked_loss_on_gpu_bf16_within_twice_unchunked(impl):
     from models import tiny_model, token_batch
 
     ids = token_batch(64)
-    ref = tiny_model("llama", tie=True).train()
+    ref = tiny_model("llama", tie_word_embeddings=True).train()
     ro = ref(input_ids=ids, labels=ids, use_cache=False)
     ro.loss.backward()
     rg = torch.cat([p.grad.flatten() for p in ref.parameters()])
     errs = {}
     for name, chunk in (("unchunked", None), ("chunked", 16)):
-        m = tiny_model("llama", tie=True).cuda().train()
+        m = tiny_model("llama", tie_word_embeddings=True).cuda().train()
         hra.apply_ring_attention(m, loss_chunk_size=chunk, loss_impl=impl)  # impl="liger" raises if it cannot run
         with torch.autocast("cuda", dtype=torch.bfloat16):
             o = m(input_ids=ids.cuda(), labels=ids.cuda())

@@ -75,8 +75,9 @@ def _errors(groups, tie: bool, docs: bool, chunk: int) -> tuple[float, float]:
     """(loss, worst parameter gradient) relative errors of this world against the reference."""
     world = 1 if groups is None else groups.world_size
     rings = 1 if groups is None else groups.dp_size
-    model = tiny_model("llama", tie=tie).train()
+    model = tiny_model("llama", tie_word_embeddings=tie).train()
     ref = copy.deepcopy(model)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     hra.apply_ring_attention(model, groups, loss_chunk_size=chunk)
     batches = [_batch(seed=10 + d, docs=docs) for d in range(rings)]  # ring d's batch
     shard = shard_window([batches[0 if groups is None else groups.dp_rank]], groups)[0]
@@ -112,7 +113,7 @@ def test_chunked_loss_and_every_gradient_match_transformers(world, ring):
 
 def _same_call(kwargs: dict, chunk: int = 5, tie: bool = True):
     """Loss and gradients of the same call on the unpatched and the patched (chunked) model."""
-    ref = tiny_model("llama", tie=tie).train()
+    ref = tiny_model("llama", tie_word_embeddings=tie).train()
     model = hra.apply_ring_attention(copy.deepcopy(ref), loss_chunk_size=chunk)
     outs = []
     for m in (ref, model):
@@ -142,13 +143,13 @@ def test_num_items_in_batch_and_shift_labels_semantics(extra):
 def test_bf16_autocast_within_twice_unchunked_error():
     b = _batch(seed=4, docs=False, n=44)
     kwargs = dict(input_ids=b["input_ids"], labels=b["labels"], use_cache=False)
-    ref = tiny_model("llama", tie=True).train()
+    ref = tiny_model("llama", tie_word_embeddings=True).train()
     ref_out = ref(**kwargs)
     ref_out.loss.backward()
     ref_grads = torch.cat([p.grad.flatten() for p in ref.parameters()])
     errs = {}
     for name, chunk in (("unchunked", None), ("chunked", 7)):
-        m = hra.apply_ring_attention(tiny_model("llama", tie=True).train(), loss_chunk_size=chunk)
+        m = hra.apply_ring_attention(tiny_model("llama", tie_word_embeddings=True).train(), loss_chunk_size=chunk)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = m(**kwargs)
         out.loss.backward()

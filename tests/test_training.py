@@ -104,7 +104,7 @@ def _run_case(world, ring, case, groups):
     AcceleratorState._reset_state()  # a new mixed precision / accumulation in the same process
     GradientState._reset_state()
     accelerator = make_accelerator(gradient_accumulation_steps=accum, mixed_precision=precision)
-    model = tiny_model(family, tie=tied).train()
+    model = tiny_model(family, tie_word_embeddings=tied).train()
     init = [p.detach().clone() for p in model.parameters()]
     refs = {name: copy.deepcopy(model) for name in (("fp32", "bf16") if precision == "bf16" else ("fp32",))}
     ref_opts = {n: _optimizer(m, opt_name) for n, m in refs.items()}
