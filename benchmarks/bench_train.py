@@ -9,8 +9,11 @@ Quick check (about a minute on idle cores, 2 with other jobs running):
 Longest length at ring 1, 2 and 4 under a small cap (memory only; about 2.5 minutes; ring 4 runs 4
 processes on 2 cores, so add it to --ring-sizes only for memory, its times are oversubscribed):
     python benchmarks/bench_train.py --seqs "" --search-rings 1,2,4 --mem-cap-mib 64 --search-start 512
-What the full logits cost (the same loss, LM head + cross-entropy in checkpointed chunks):
-    python benchmarks/bench_train.py --seqs 4096 --ring-sizes 1,2 --repeats 1 --search-rings "" --loss chunked
+What the full logits cost (transformers' loss vs the package's chunked loss, in one run):
+    python benchmarks/bench_train.py --seqs 4096 --ring-sizes 1,2 --repeats 1 --search-rings "" --loss hf,chunked
+The issue-10 figures (SmolLM2-135M, N = 2048, ring 1; about 10 minutes on idle cores):
+    python benchmarks/bench_train.py --model demo --seqs 2048 --ring-sizes 1 --repeats 1 --search-rings "" \
+        --loss hf,chunked --loss-chunk 1024
 The embedded SmolLM2-135M instead of the small model (vocab 49152: its logits dominate memory;
 about 18 s per step at N=512 on one core):
     python benchmarks/bench_train.py --model demo --seqs 512 --ring-sizes 1,2 --repeats 1 --search-rings ""
@@ -35,9 +38,11 @@ included in the time and its buckets in the memory; ``--grad-sync none`` leaves 
 checkpointing (transformers', non-reentrant) is on unless ``--no-checkpointing``. The
 single-process rows are the same code with C = 1 (the ring's own kernel on the full sequence);
 ``--sdpa`` adds rows with transformers' SDPA attention instead (no ring code at all).
-``--loss chunked`` (not the package, a what-if): the decoder as usual, then the LM head and
-cross-entropy on ``--loss-chunk`` rows at a time, each chunk checkpointed, so the S_local x
-vocab logits never exist at once; the same loss value.
+``--loss`` picks the loss, one row per choice: ``hf`` is ``apply_ring_attention(model, groups,
+loss_chunk_size=None)`` (transformers' loss, S_local x vocab logits); ``chunked`` is the package's
+default path (``loss_chunk_size=--loss-chunk``: the LM head + cross-entropy ``--loss-chunk`` rows
+at a time, gradients made chunk by chunk, ``hf_ring_attention/loss.py``), the same loss value.
+The SDPA rows use ``install_chunked_loss`` for ``chunked``.
 
 Reported per configuration (fresh processes, ``--threads`` intra-op threads each):
 - tokens/s: N / the slowest rank's median step time (ranks start each step after a barrier);
@@ -73,6 +78,7 @@ import _common  # first: pins glibc's mmap threshold before torch allocates
 
 import argparse
 import gc
+import itertools
 import json
 import time
 
@@ -108,36 +114,6 @@ def build_model(c):
     return model
 
 
-def _chunk_nll(hidden, weight, targets):
-    """Summed cross-entropy of one chunk of rows: (B, c, H) hidden -> fp32 logits -> loss."""
-    logits = torch.nn.functional.linear(hidden, weight).float()
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-
-
-class ChunkedLossLM(torch.nn.Module):
-    """``--loss chunked``: the same loss as transformers', without the S_local x vocab logits.
-
-    The decoder runs as usual; the LM head and cross-entropy run on ``chunk`` rows at a time,
-    each chunk checkpointed (its logits are recomputed in backward), so at most one chunk's
-    logits (and their gradient) are alive. Not part of the package: it shows what the logits cost.
-    """
-
-    def __init__(self, lm, chunk):
-        super().__init__()
-        self.lm, self.chunk = lm, chunk
-
-    def forward(self, input_ids, position_ids, shift_labels, num_items_in_batch, labels=None, **kwargs):
-        from torch.utils.checkpoint import checkpoint
-        from transformers.modeling_outputs import CausalLMOutput
-
-        hidden = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                               **kwargs).last_hidden_state  # (B, S_local, H)
-        weight = self.lm.get_output_embeddings().weight
-        total = sum(checkpoint(_chunk_nll, hidden[:, i:i + self.chunk], weight, shift_labels[:, i:i + self.chunk],
-                               use_reentrant=False) for i in range(0, hidden.shape[1], self.chunk))
-        return CausalLMOutput(loss=total / num_items_in_batch)
-
-
 ATTN_TIME = [0.0]  # seconds in the ring's block kernels and its waits for messages
 
 
@@ -162,7 +138,7 @@ class _TimedComm:
         self.wait = _timed(self._comm.wait)
 
 
-def _timed_ring(model, groups):
+def _timed_ring(model, groups, loss_chunk_size):
     """Patch the model with the ring, timing its block kernels and message waits through the package's seams
     (a Kernel object and RingOptions.comm), not by replacing its functions."""
     from hf_ring_attention import RingOptions, apply_ring_attention
@@ -170,20 +146,24 @@ def _timed_ring(model, groups):
 
     k = select_kernel(next(model.parameters()))  # the kernel "auto" picks for this device and dtype
     apply_ring_attention(model, groups, kernel=Kernel(_timed(k.forward), _timed(k.backward)),
-                         options=RingOptions(comm=_TimedComm))
+                         options=RingOptions(comm=_TimedComm), loss_chunk_size=loss_chunk_size)
 
 
 def run_rank(rank, world, c):
     """One configuration on one rank (``world`` = ring size C). c: see main. Returns measurements."""
     from hf_ring_attention import setup_groups, shard_batch
+    from hf_ring_attention.loss_patch import install_chunked_loss
 
     torch.manual_seed(0)
     model = build_model(c)
     groups = setup_groups(world)
+    chunk = c["loss_chunk"] if c["loss"] == "chunked" else None
     if c["attn"] == "ring":
-        _timed_ring(model, groups)
+        _timed_ring(model, groups, chunk)
+    elif chunk is not None:
+        install_chunked_loss(model, chunk)
     n_params = sum(p.numel() for p in model.parameters())
-    train_model = ChunkedLossLM(model, c["loss_chunk"]) if c["loss"] == "chunked" else model
+    train_model = model
     if world > 1 and c["grad_sync"] == "ddp":
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -305,8 +285,8 @@ def main():
     p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
     p.add_argument("--grad-sync", default="ddp", choices=["ddp", "none"],
                    help="ddp: wrap in DistributedDataParallel when C > 1; none: no gradient all-reduce")
-    p.add_argument("--loss", default="hf", choices=["hf", "chunked"],
-                   help="hf: model(**shard).loss (full logits); chunked: LM head + loss in checkpointed chunks")
+    p.add_argument("--loss", default="hf",
+                   help="comma-separated, one row each: hf (transformers' loss, full logits), chunked (the package's)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="rows per chunk for --loss chunked")
     p.add_argument("--repeats", type=int, default=2, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=1)
@@ -323,10 +303,13 @@ def main():
     rings = [int(x) for x in args.ring_sizes.split(",") if x]
     singles = [int(x) for x in args.single_threads.split(",") if x]
     search_rings = [int(x) for x in args.search_rings.split(",") if x]
+    losses = [x for x in args.loss.split(",") if x]
+    if not losses or set(losses) - {"hf", "chunked"}:
+        p.error(f"--loss {args.loss!r}: comma-separated choices among hf, chunked")
     small = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                  num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads)
     base = dict(model=args.model, small=small, batch=args.batch, checkpointing=not args.no_checkpointing,
-                grad_sync=args.grad_sync, loss=args.loss, loss_chunk=args.loss_chunk, repeats=args.repeats,
+                grad_sync=args.grad_sync, loss_chunk=args.loss_chunk, repeats=args.repeats,
                 warmup=args.warmup, torch_mem=args.torch_mem)
     if args.model == "demo":
         from transformers import AutoConfig
@@ -346,21 +329,23 @@ def main():
     for n in seqs:
         configs = [("ring", 1, t) for t in singles] + ([("sdpa", 1, t) for t in singles] if args.sdpa else []) \
             + [("ring", c, args.threads) for c in rings if c > 1]
-        for attn, c, threads in configs:
+        for (attn, c, threads), loss in itertools.product(configs, losses):
             if n % (2 * c):
                 p.error(f"--seqs {n} must be a multiple of 2 * ring size ({2 * c})")
-            print(f"# N={n}, {attn}, {c} process(es) x {threads} thread(s) ...", flush=True)
-            r = summarise(_common.spawn(run_rank, c, dict(base, mode="throughput", seq=n, attn=attn), threads=threads))
-            r.update(seq=n, attn=attn, ring=c, threads=threads, tok_s=n * args.batch / r["time"],
-                     logits=args.batch * (n // c if args.loss == "hf" else min(n // c, args.loss_chunk)) * vocab * 4)
+            print(f"# N={n}, {attn}, {c} process(es) x {threads} thread(s), loss {loss} ...", flush=True)
+            r = summarise(_common.spawn(run_rank, c, dict(base, mode="throughput", seq=n, attn=attn, loss=loss),
+                                        threads=threads))
+            r.update(seq=n, attn=attn, ring=c, threads=threads, loss_kind=loss, tok_s=n * args.batch / r["time"],
+                     logits=args.batch * (n // c if loss == "hf" else min(n // c, args.loss_chunk)) * vocab * 4)
             if attn == "ring" and c == 1 and threads == 1:
-                ref[n] = r
+                ref.setdefault(n, r)  # the first --loss choice
             rows.append(r)
     searches = []
     for c in search_rings:
         print(f"# longest length under {args.mem_cap_mib:g} MiB/rank, ring {c} ...", flush=True)
         t0 = time.time()
-        res = _common.spawn(run_rank, c, dict(base, mode="search", attn="ring", cap_bytes=args.mem_cap_mib * 2**20,
+        res = _common.spawn(run_rank, c, dict(base, mode="search", attn="ring", loss=losses[0],
+                                              cap_bytes=args.mem_cap_mib * 2**20,
                                               search_start=args.search_start, resolution=args.search_resolution),
                             threads=args.threads)[0]
         res.update(ring=c, seconds=time.time() - t0)
@@ -372,6 +357,7 @@ def main():
         b = ref.get(r["seq"])
         r["procs"] = f"{r['ring']} x {r['threads']}"
         r["impl"] = "HF SDPA" if r["attn"] == "sdpa" else "ring"
+        r["lk"] = "transformers" if r["loss_kind"] == "hf" else f"chunked ({args.loss_chunk})"
         r["ts"] = f"{r['tok_s']:.0f}"
         r["sp"] = f"{b['time'] / r['time']:.2f}x" if b else ""
         r["spc"] = f"{b['cpu'] / r['cpu']:.2f}x" if b else ""
@@ -381,7 +367,7 @@ def main():
         r["mr"] = f"{r['peak'] / b['peak']:.2f}" if b else ""
         r["lg"] = mib(r["logits"])
         r["bs"] = mib(r["base"])
-    cols = [("seq", "N"), ("impl", "attention"), ("procs", "procs x threads"), ("ts", "tokens/s"),
+    cols = [("seq", "N"), ("impl", "attention"), ("lk", "loss"), ("procs", "procs x threads"), ("ts", "tokens/s"),
             ("sp", "speedup vs 1x1"), ("spc", "cpu-time speedup"), ("t", "step s (fwd / bwd / opt)"),
             ("at", "attention s"),
             ("mem", "peak mem/rank (MiB)"), ("mr", "mem vs 1x1"), ("lg", "logits/rank (MiB)"),
@@ -391,7 +377,7 @@ def main():
     print(f"{desc}; {n_params / 1e6:.1f} M parameters; fp32, batch {args.batch}, AdamW, gradient checkpointing "
           f"{'off' if args.no_checkpointing else 'on'}, gradient all-reduce: "
           f"{'DDP' if args.grad_sync == 'ddp' else 'none'} (C > 1); loss: "
-          f"{'transformers (full logits)' if args.loss == 'hf' else f'chunked, {args.loss_chunk} rows'}; "
+          f"{args.loss} (chunked: {args.loss_chunk} rows per chunk); vs 1x1: against the first --loss at 1 x 1; "
           f"median of {args.repeats} steps "
           f"(+{args.warmup} warm-up); torch {torch.__version__}; load avg before: {load_before}, after: "
           f"{load_after}; {time.time() - t_start:.0f} s in all")
@@ -425,7 +411,7 @@ def main():
                                              ("hp", "its peak (MiB)"), ("ratio", "vs ring 1"),
                                              ("probes", "probes"), ("secs", "search s")]))
     if args.json:
-        keep = ("procs", "impl", "ts", "sp", "spc", "t", "at", "mem", "mr", "lg", "bs")
+        keep = ("procs", "impl", "lk", "ts", "sp", "spc", "t", "at", "mem", "mr", "lg", "bs")
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), model=desc, load_before=load_before, load_after=load_after,
                            malloc_pinned=_common.MALLOC_PINNED,

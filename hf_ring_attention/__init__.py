@@ -4,6 +4,7 @@ from .agreement import RingMismatchError
 from .comm import RingCommError, RingOutOfStepError
 from .groups import RingGroups, setup_groups
 from .integration import apply_ring_attention, remove_ring_attention
+from .loss import chunked_causal_lm_loss
 from .perplexity import PerplexityResult, evaluate_perplexity
 from .ring import RingOptions, ring_attention
 from .sharding import IGNORE_INDEX, shard_batch, shift_labels, zigzag_shard, zigzag_unshard
@@ -11,7 +12,7 @@ from .training import shard_window
 
 __all__ = [
     "IGNORE_INDEX", "PerplexityResult", "RingCommError", "RingGroups", "RingMismatchError", "RingOptions",
-    "RingOutOfStepError", "apply_ring_attention", "evaluate_perplexity", "remove_ring_attention", "ring_attention",
+    "RingOutOfStepError", "apply_ring_attention", "chunked_causal_lm_loss", "evaluate_perplexity", "remove_ring_attention", "ring_attention",
     "setup_groups", "shard_batch", "shard_window", "shift_labels", "zigzag_shard", "zigzag_unshard",
 ]
 __version__ = "0.1.0"

@@ -26,6 +26,8 @@ import torch.distributed as dist
 
 from .agreement import agree, dtype_code
 from .compat import check_model, match_head_dims
+from .loss import check_chunk_size, check_impl
+from .loss_patch import check_model as check_loss_model, install_chunked_loss, remove_chunked_loss
 from .ring import LAYOUTS, RingOptions, make_config, run_ring
 from .sharding import zigzag_unshard
 
@@ -314,8 +316,9 @@ def _dynamic_rope_hooks(model, state: RingState) -> list:
                                          m.register_forward_hook(post, with_kwargs=True))]
 
 
-def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
-                         detect_documents: bool = True, options: RingOptions | None = None) -> torch.nn.Module:
+def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None, detect_documents: bool = True,
+                         options: RingOptions | None = None, loss_chunk_size: int | None = 4096,
+                         loss_impl: str = "auto") -> torch.nn.Module:
     """Switch a transformers model to exact ring attention over ``group``.
 
     Args:
@@ -327,21 +330,32 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
             restarting position_ids as packed documents (as transformers does).
         options: the ring's communication and tiling (``RingOptions``; default: ``RingComm`` with the
             group's timeout).
+        loss_chunk_size: with labels, compute transformers' loss from the LM head's input
+            ``loss_chunk_size`` rows at a time (``hf_ring_attention.loss``): no (S_local x vocab)
+            logits, ``outputs.logits`` is None. None: transformers' own loss and logits.
+        loss_impl: "auto" (liger-kernel's fused kernel on CUDA when installed, else torch),
+            "torch" or "liger".
 
     Returns:
-        The same model (idempotent: a second call only updates the group and options).
+        The same model (idempotent: a second call only updates the group, options and loss settings).
 
     Raises:
+        ValueError: a bad loss_chunk_size or loss_impl.
         NotImplementedError: models the ring would compute wrongly (see ``compat.check_model``: token
             mixers outside attention, local positions, sinks, chunked or bidirectional attention, ...)
-            or that cannot switch attention; the model is left unpatched.
+            or that cannot switch attention; an LM head or loss the chunked loss cannot reproduce
+            (pass loss_chunk_size=None); the model is left unpatched.
     """
     from transformers import PreTrainedModel
 
+    check_chunk_size(loss_chunk_size)
+    check_impl(loss_impl)
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise NotImplementedError(f"{type(model).__name__} is not a transformers PreTrainedModel")
     check_model(model)  # families the ring would compute silently wrong (hf_ring_attention.compat)
+    if loss_chunk_size is not None:
+        check_loss_model(model)  # before anything changes
     _register()
     ring = _resolve_group(group)
     size = dist.get_world_size(ring) if dist.is_initialized() else 1
@@ -364,6 +378,7 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
     config.use_cache = False
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)
+    install_chunked_loss(model, loss_chunk_size, impl=loss_impl)  # None removes it
     return model
 
 
@@ -374,7 +389,8 @@ def patched_ring_size(model: torch.nn.Module) -> int | None:
 
 
 def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention implementation (and ``use_cache``) the model had before."""
+    """Restore the attention implementation (and ``use_cache``) and the loss the model had before."""
+    remove_chunked_loss(model)
     saved = getattr(model, "_hf_ring_saved", None)
     if saved is None:
         return model
