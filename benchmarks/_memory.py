@@ -65,8 +65,9 @@ def mark(name):
         pass
 
 
-def attribute(events, acc: Accounting, grads: set) -> dict:
-    """Live torch bytes by part at the peak of everything but parameter gradients (and at the overall peak)."""
+def attribute(events, acc: Accounting, grads: set, grad_sizes: set) -> dict:
+    """Live torch bytes by part at the peak of everything but parameter gradients, in each phase of the step
+    (forward / backward x decoder / LM head + loss); ``peak_phase`` holds the highest; ``total``: the overall peak."""
     marks = {e["name"][9:]: e["ts"] for e in events if e.get("name", "").startswith("hra_mark:")}
     attn = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events
             if e.get("ph") == "X" and e.get("name", "").startswith(RING_OPS)]
@@ -83,8 +84,8 @@ def attribute(events, acc: Accounting, grads: set) -> dict:
     fwd_end, dec_end = marks["fwd_end"], marks.get("decoder_end", marks["fwd_end"])
     bwd_start, head_grad = marks["bwd_start"], marks.get("head_grad", marks["bwd_start"])
 
-    def part(i, addr, ts):
-        if i in grad_ids:
+    def part(i, addr, ts, size):
+        if i in grad_ids or (ts >= bwd_start and size in grad_sizes):  # a .grad, or a gradient on its way there
             return "grads"
         if ts < fwd_end and addr in acc.stash:
             return "stash"
@@ -94,22 +95,27 @@ def attribute(events, acc: Accounting, grads: set) -> dict:
             return "lm_head_loss"
         return "rest"
 
+    def phase(ts):
+        if ts < fwd_end:
+            return "forward: decoder" if ts < dec_end else "forward: LM head + loss"
+        return "backward: LM head + loss" if ts < head_grad else "backward: decoder"
+
     live, by = {}, dict.fromkeys(PARTS + ("grads",), 0)
-    best = dict(nongrad=-1, total=-1)
-    snap = {}
+    best, snaps = {}, {}  # per phase: the peak of everything but parameter gradients, by part
+    top = dict(total=-1)
     for i, e in enumerate(mem):
         a = e["args"]
         if a["Bytes"] > 0:
-            p = part(i, a["Addr"], e["ts"])
+            p = part(i, a["Addr"], e["ts"], a["Bytes"])
             live[a["Addr"]] = (a["Bytes"], p)
             by[p] += a["Bytes"]
         elif a["Addr"] in live:
             b, p = live.pop(a["Addr"])
             by[p] -= b
-        total = sum(by.values())
-        for key, value in (("nongrad", total - by["grads"]), ("total", total)):
-            if value > best[key]:
-                best[key] = value
-                phase = "forward" if e["ts"] < fwd_end else "backward"
-                snap[key] = dict(by, phase=phase)
-    return dict(nongrad=snap["nongrad"], total=snap["total"])
+        nongrad, ph = sum(by[k] for k in PARTS), phase(e["ts"])
+        if nongrad > best.get(ph, -1):
+            best[ph], snaps[ph] = nongrad, dict(by)
+        if nongrad + by["grads"] > top["total"]:
+            top = dict(by, total=nongrad + by["grads"], phase=ph)
+    peak_phase = max(best, key=best.get)
+    return dict(phases=snaps, peak_phase=peak_phase, total=top)

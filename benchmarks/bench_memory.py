@@ -26,7 +26,8 @@ between the two lengths divided by the change of S_local, so constant terms drop
 - live torch allocations: a second step under torch's profiler (memory events), each allocation
   sorted into one part when it is made. The per-token table is taken at the moment the bytes of
   everything but parameter gradients peak:
-    parameter gradients: the allocations that are the parameters' .grad after backward (constant);
+    parameter gradients: the allocations that are the parameters' .grad after backward, and any
+        allocation of a parameter's size in the backward (e.g. the embedding's dense gradient);
     checkpoint stash: storages saved for backward by transformers' checkpoint of each decoder layer
         (a saved-tensors hook sees them while a decoder layer runs: its inputs, kept to the recompute);
     attention: made inside the ring's autograd Function (forward, recompute, backward);
@@ -122,17 +123,15 @@ def run_rank(rank, world, c):
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             prof.export_chrome_trace(f.name)
             events = json.load(open(f.name))["traceEvents"]
-        res = attribute(events, acc, grads)
+        res = attribute(events, acc, grads, {q.numel() * q.element_size() for q in params})
         res["stash_hooked"] = sum(acc.stash.values())
         return res
 
     if c["mode"] == "split":
         plain(max(c["seqs"]))  # warm-up: imports, optimizer state, heap growth
-        rows = []
-        for n in c["seqs"]:
-            r = plain(n)
-            r.update(seq=n, s_local=n // world, torch=accounted(n))
-            rows.append(r)
+        rows = [dict(plain(n), seq=n, s_local=n // world) for n in c["seqs"]]  # RSS before any profiling
+        for r in rows:
+            r["torch"] = accounted(r["seq"])
         return dict(rows=rows, sizes=sizes)
     return search(c, world, plain)
 
@@ -177,13 +176,16 @@ def search(c, world, plain):
     return dict(longest=lo, shortest_failing=hi, probes=probes)
 
 
-def per_token(rows, key):
-    """Per local token of each part between the first and last length, from the torch snapshot ``key``."""
+def per_token(rows):
+    """Per local token of each part between the first and last length, in the phase where the last length's
+    non-gradient bytes peak (the same phase at both lengths, so constant terms cancel)."""
     a, b = rows[0], rows[-1]
+    ph = b["torch"]["peak_phase"]
     ds = b["s_local"] - a["s_local"]
-    out = {p: (b["torch"][key][p] - a["torch"][key][p]) / ds for p in PARTS}
+    out = {p: (b["torch"]["phases"][ph][p] - a["torch"]["phases"][ph][p]) / ds for p in PARTS}
     out["total"] = sum(out.values())
     out["rss"] = (b["peak_rss"] - a["peak_rss"]) / ds
+    out["phase"] = ph
     return out
 
 
@@ -207,7 +209,8 @@ def extrapolate(rows, args):
         per_layer = {k: (b[k] - a[k]) / (l2 - l1) for k in ("total", "stash")}
         at32 = {k: a[k] + (32 - l1) * per_layer[k] for k in ("total", "stash")}
         last = rs[-1]["rows"][-1]
-        intercept = last["torch"]["nongrad"]["total_nongrad"] - b["total"] * last["s_local"]  # not per token
+        snap = last["torch"]["phases"][b["phase"]]
+        intercept = sum(snap[k] for k in PARTS) - b["total"] * last["s_local"]  # not per token
         for offload in (False, True):
             bpt = at32["total"] - (at32["stash"] if offload else 0)
             fits = {}
@@ -266,12 +269,12 @@ def main():
                     t0 = time.time()
                     res = _common.spawn(run_rank, ring, dict(base, layers=nl, loss=loss, tiled=tiled, mode="split",
                                                              seqs=seqs))
-                    r0 = max(res, key=lambda r: r["rows"][-1]["torch"]["nongrad"]["rest"])  # the rank with more
-                    for row in r0["rows"]:
-                        snap = row["torch"]["nongrad"]
-                        snap["total_nongrad"] = sum(snap[k] for k in PARTS)
-                    rows.append(dict(layers=nl, ring=ring, loss=loss, tiled=tiled, rows=r0["rows"], sizes=r0["sizes"],
-                                     pt=per_token(r0["rows"], "nongrad"), seconds=time.time() - t0))
+                    pts = [per_token(r["rows"]) for r in res]
+                    k = max(range(ring), key=lambda i: pts[i]["total"])  # the rank with the most per token
+                    for row in res[k]["rows"]:  # the per-rank maximum of the peak RSS
+                        row["peak_rss"] = max(r["rows"][res[k]["rows"].index(row)]["peak_rss"] for r in res)
+                    rows.append(dict(layers=nl, ring=ring, loss=loss, tiled=tiled, rows=res[k]["rows"],
+                                     sizes=res[k]["sizes"], pt=per_token(res[k]["rows"]), seconds=time.time() - t0))
         for ring in search_rings:
             for loss in losses:
                 for tiled in tiles:
@@ -300,14 +303,16 @@ def report(args, rows, searches, load_before, t_start):
             table.append(dict(m=f"{args.model}" + (f" x{r['layers']}" if r["layers"] else ""), ring=r["ring"],
                               loss=loss_name[r["loss"]], tiled=r["tiled"] or "-",
                               **{k: kib(pt[k]) for k in PARTS + ("total", "rss")},
-                              vs=f"{pt['total'] / ref['total']:.2f} / {pt['rss'] / ref['rss']:.2f}",
-                              peak=f"{mib(last['peak_rss'])} ({last['torch']['total']['phase']})",
+                              vs=f"{pt['total'] / ref['total']:.2f} / " + (f"{pt['rss'] / ref['rss']:.2f}" if ref["rss"] else "-"),
+                              ph=pt["phase"], peak=f"{mib(last['peak_rss'])} ({last['torch']['total']['phase']})",
                               t=f"{last['wall']:.0f} / {last['cpu']:.0f}"))
-        print(f"\nBytes per local token (KiB), per rank, between N = {args.seqs}: live torch allocations at the peak "
-              "of everything but parameter gradients, by part; RSS: the peak-RSS slope")
+        print(f"\nBytes per local token (KiB), per rank, between N = {args.seqs}: live torch allocations by part at the "
+              "peak of everything but parameter gradients (in the phase where it peaks at the longer N); RSS: the "
+              "peak-RSS slope; peak RSS with the phase of the overall torch peak")
         print(_common.markdown_table(table, [("m", "model"), ("ring", "ring"), ("loss", "loss"), ("tiled", "tiled MLP"),
                                              *[(k, PART_NAMES[k]) for k in PARTS], ("total", "total (torch)"),
                                              ("rss", "RSS"), ("vs", "vs first row (torch / RSS)"),
+                                             ("ph", "peak phase (torch, no grads)"),
                                              ("peak", f"peak RSS at N={args.seqs.split(',')[-1]} MiB (phase)"),
                                              ("t", "step s wall / cpu")]))
         s = rows[0]["sizes"]
