@@ -7,7 +7,17 @@ from .ring import ring_attention
 from .sharding import IGNORE_INDEX, global_loss_tokens, shard_batch, shift_labels, zigzag_shard, zigzag_unshard
 
 __all__ = [
-    "IGNORE_INDEX", "PerplexityResult", "RingGroups", "evaluate_perplexity", "apply_ring_attention", "global_loss_tokens", "remove_ring_attention",
+    "IGNORE_INDEX", "PerplexityResult", "RingGroups", "RingTrainer", "evaluate_perplexity", "apply_ring_attention", "global_loss_tokens", "remove_ring_attention",
     "ring_attention", "setup_groups", "shard_batch", "shift_labels", "zigzag_shard", "zigzag_unshard",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The trainers import transformers' Trainer (RingSFTTrainer: TRL) only when asked for;
+    # RingSFTTrainer stays out of __all__ so that a star import does not need TRL.
+    if name in ("RingTrainer", "RingSFTTrainer", "RingTrainerMixin"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
