@@ -28,7 +28,8 @@ What the mixin changes, and why (every other Trainer method runs unchanged):
   the eval set's valid targets (one all-reduce at the end): the token-weighted loss over the
   whole eval set. Every ring runs the same number of forwards (label-free filler batches), as
   FSDP / ZeRO-3 need.
-* ``_save``: the checkpoint is written with the model's own attention implementation.
+* Checkpoints are the Trainer's own: ``save_pretrained`` does not record the attention
+  implementation, so they load without this package, and resuming continues identically.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import torch.distributed as dist
 from transformers import Trainer
 
 from .groups import setup_groups
-from .integration import apply_ring_attention, remove_ring_attention
+from .integration import apply_ring_attention
 from .sharding import IGNORE_INDEX, shard_batch
 
 __all__ = ["RingTrainer", "RingTrainerMixin"]  # and RingSFTTrainer, built on first access (needs TRL)
@@ -76,6 +77,9 @@ class RingTrainerMixin:
     def __init__(self, *args, ring_size: int, **kwargs):
         if not isinstance(ring_size, int) or isinstance(ring_size, bool) or ring_size < 1:
             raise ValueError(f"ring_size={ring_size!r} must be a positive int")
+        # Before the Trainer builds its Accelerator, which rejects a parallelism_config on its own terms.
+        _check_parallelism(getattr(args[1] if len(args) > 1 else kwargs.get("args"), "parallelism_config", None),
+                           type(self).__name__)
         super().__init__(*args, **kwargs)
         self._ring_check_settings()
         self.ring_groups = setup_groups(ring_size)
@@ -90,11 +94,7 @@ class RingTrainerMixin:
         if self.accelerator.num_processes != world:
             raise ValueError(f"{name}: accelerate sees {self.accelerator.num_processes} process(es) but the launcher "
                              f"started {world}; on a machine without GPUs set TrainingArguments(use_cpu=True)")
-        pc = args.parallelism_config or getattr(self.accelerator, "parallelism_config", None)
-        for field in ("cp_size", "sp_size", "tp_size"):
-            if (getattr(pc, field, None) or 1) > 1:
-                raise ValueError(f"{name} splits sequences itself; parallelism_config.{field}="
-                                 f"{getattr(pc, field)} cannot be combined with it: drop parallelism_config")
+        _check_parallelism(args.parallelism_config or getattr(self.accelerator, "parallelism_config", None), name)
         if args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
             raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} shards batches by the "
                              f"global rank; {name} gives every rank of a ring the same rows: use 'random' or "
@@ -234,23 +234,17 @@ class RingTrainerMixin:
         self._ring_eval += torch.stack([loss.detach().double().cpu(), count.double().cpu()])
         return None, None, None  # the loss is reported by evaluation_loop
 
-    # ---- checkpoints --------------------------------------------------------------------------
-
-    def _save(self, output_dir=None, state_dict=None):
-        """Save with the model's own attention implementation, then switch back to the ring."""
-        model = self.accelerator.unwrap_model(self.model)
-        patched = hasattr(model, "_hf_ring_saved")
-        if patched:
-            remove_ring_attention(model)
-        try:
-            super()._save(output_dir, state_dict=state_dict)
-        finally:
-            if patched:
-                self._ring_patch(model)
-
 
 class RingTrainer(RingTrainerMixin, Trainer):
     """``transformers.Trainer`` with exact ring attention; one extra argument, ``ring_size``."""
+
+
+def _check_parallelism(pc, name: str) -> None:
+    for field in ("cp_size", "sp_size", "tp_size"):
+        if (getattr(pc, field, None) or 1) > 1:
+            raise ValueError(f"{name} splits sequences over its ring itself; parallelism_config.{field}="
+                             f"{getattr(pc, field)} (accelerate's context / sequence / tensor parallelism) cannot "
+                             "be combined with it: drop parallelism_config (data parallelism is dp = world / ring_size)")
 
 
 def _shard_by_ring(loader, groups):

@@ -147,7 +147,26 @@ def _run(world: int, out, *, ring_size: int | None) -> dict:
 
 
 def _ranks(rank, world, ring, out):
-    return _run(world, out, ring_size=ring)
+    results = _run(world, out, ring_size=ring)
+    if world == 4:
+        results["bad_batch"] = _bad_batch_on_one_ring(out)
+    return results
+
+
+def _bad_batch_on_one_ring(out) -> str:
+    """Ring 1's first batch is left-padded (rows of different lengths, padding_side="left"), ring 0's is
+    not: every rank must raise (ring 0 from the window's all-reduce) instead of waiting for ring 1."""
+    from transformers import DataCollatorForLanguageModeling
+
+    trainer = _setup("sgd", 2, os.path.join(out, "bad"), ring_size=2, train_sampling_strategy="sequential")
+    tok = _tokenizer()
+    tok.padding_side = "left"
+    trainer.data_collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    rows = [[5] * 8, [6] * 8, [7] * 8, [8] * 5] + [[9] * 8] * 4  # ring 0: rows 0, 1; ring 1: rows 2, 3
+    trainer.train_dataset = trainer.train_dataset.from_dict({"input_ids": rows})
+    with pytest.raises(ValueError) as err:
+        trainer.train()
+    return str(err.value)
 
 
 def _rel(a, b) -> float:
@@ -181,6 +200,9 @@ def test_ring_trainer_equals_single_process_trainer(world, tmp_path):
                 err = abs(rank_results[name]["eval"] - r["eval"]) / r["eval"]
                 print(f"{name} eval loss: {err:.2e}")
                 assert err < 1e-5, (rank_results[name]["eval"], r["eval"])
+    if world == 4:
+        assert all("left or inner padding" in r["bad_batch"] for r in ranks[2:]), ranks[2]["bad_batch"]
+        assert all("another ring" in r["bad_batch"] for r in ranks[:2]), ranks[0]["bad_batch"]
     if "resumed" in got:
         _check_resume(got["adamw_accum2"], got["resumed"], tmp_path / "ring" / "adamw_accum2" / "checkpoint-2")
 
@@ -197,3 +219,52 @@ def _check_resume(full, resumed, checkpoint):
     model = AutoModelForCausalLM.from_pretrained(checkpoint)
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
+def _refused(tmp_path, **kw):
+    import hf_ring_attention as hra
+    from transformers import TrainingArguments
+
+    trainer_kw = {k: kw.pop(k) for k in ("compute_loss_func", "compute_metrics", "model", "ring_size") if k in kw}
+    trainer_kw.setdefault("ring_size", 1)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", **kw)
+    return hra.RingTrainer(model=trainer_kw.pop("model", None) or tiny_model(), args=args,
+                           train_dataset=_rows(4, (8, 9)), **trainer_kw)
+
+
+@pytest.mark.parametrize("setting, error, match", [
+    ({"parallelism_config": "cp"}, ValueError, "parallelism_config.cp_size=2"),
+    ({"train_sampling_strategy": "group_by_length"}, ValueError, "group_by_length"),
+    ({"auto_find_batch_size": True}, ValueError, "auto_find_batch_size"),
+    ({"accelerator_config": {"dispatch_batches": True}}, ValueError, "dispatch_batches"),
+    ({"label_smoothing_factor": 0.1}, NotImplementedError, "label_smoothing_factor"),
+    ({"neftune_noise_alpha": 5.0}, NotImplementedError, "NEFTune"),
+    ({"compute_loss_func": lambda *a, **k: 0}, NotImplementedError, "compute_loss_func"),
+    ({"compute_metrics": lambda p: {}}, NotImplementedError, "loss-only"),
+    ({"model": "softcap"}, NotImplementedError, "softcapping"),
+])
+def test_refuses_what_cannot_be_exact(setting, error, match, tmp_path):
+    """Settings that cannot give the single-device update fail at construction, naming the setting
+    (from arguments that are identical on every rank, so all ranks raise together)."""
+    from accelerate import ParallelismConfig
+
+    if setting.get("parallelism_config") == "cp":
+        setting = {"parallelism_config": ParallelismConfig(cp_size=2)}
+    if setting.get("model") == "softcap":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        setting = {"model": Gemma2ForCausalLM(Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                                           num_hidden_layers=1, num_attention_heads=2,
+                                                           num_key_value_heads=1, head_dim=16))}
+    with pytest.raises(error, match=match):
+        _refused(tmp_path, **setting)
+
+
+def test_ring_size_must_fit_the_world_and_eval_is_loss_only(tmp_path):
+    with pytest.raises(ValueError, match="ring_size=2 needs 2 processes"):
+        _refused(tmp_path, ring_size=2)
+    with pytest.raises(ValueError, match="positive int"):
+        _refused(tmp_path, ring_size=0)
+    trainer = _refused(tmp_path)
+    with pytest.raises(NotImplementedError, match="prediction_loss_only=True"):
+        trainer.predict(_rows(2, (8, 9)))
