@@ -53,8 +53,6 @@ __all__ = ["RingTrainer", "RingTrainerMixin"]  # and RingSFTTrainer, built on fi
 # Flash-attention varlen kwargs of padding-free collators (TRL, DataCollatorWithFlattening).
 # The ring reads document boundaries from position_ids (shard_batch), so these are dropped.
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-# Rows of the LM head + cross-entropy per chunk, when apply_ring_attention offers a chunked loss.
-LOSS_CHUNK_SIZE = 2048
 
 
 class RingTrainerMixin:
@@ -72,7 +70,7 @@ class RingTrainerMixin:
             model ``apply_ring_attention`` refuses.
     """
 
-    _ring_chunked_loss = True  # pass loss_chunk_size to apply_ring_attention when it has one
+    _ring_chunked_loss = True  # False: ask apply_ring_attention for transformers' own loss (loss_chunk_size=None)
 
     def __init__(self, *args, ring_size: int, **kwargs):
         if not isinstance(ring_size, int) or isinstance(ring_size, bool) or ring_size < 1:
@@ -109,14 +107,17 @@ class RingTrainerMixin:
         if args.n_gpu > 1:
             raise ValueError(f"{name} runs one process per device (accelerate launch / torchrun), not "
                              f"torch.nn.DataParallel over {args.n_gpu} GPUs")
-        refused = {
-            "label_smoothing_factor": (args.label_smoothing_factor, "label smoothing shifts the labels itself"),
-            "compute_loss_func": (self.compute_loss_func, "a custom loss sees this rank's shard only"),
-            "neftune_noise_alpha": (args.neftune_noise_alpha, "NEFTune scales its noise by the local length"),
-            "use_liger_kernel": (args.use_liger_kernel, "Liger replaces the forward the ring patches"),
-            "compute_metrics": (self.compute_metrics, "logits are sharded over the ring; evaluation is loss-only"),
-            "preprocess_logits_for_metrics": (self.preprocess_logits_for_metrics,
-                                              "logits are sharded over the ring; evaluation is loss-only"),
+        loss_only = "logits are sharded over the ring; evaluation is loss-only: drop it"
+        refused = {  # setting: (value, why and the fix)
+            "label_smoothing_factor": (args.label_smoothing_factor, "label smoothing shifts the labels itself "
+                                       "(the ring's labels arrive shifted and sharded): set it to 0"),
+            "compute_loss_func": (self.compute_loss_func, "a custom loss sees this rank's shard with shifted "
+                                  "labels: use the model's own loss"),
+            "neftune_noise_alpha": (args.neftune_noise_alpha, "NEFTune scales its noise by the local sequence "
+                                    "length, which the ring divides: unset it"),
+            "use_liger_kernel": (args.use_liger_kernel, "Liger replaces the forward the ring patches: unset it"),
+            "compute_metrics": (self.compute_metrics, loss_only),
+            "preprocess_logits_for_metrics": (self.preprocess_logits_for_metrics, loss_only),
         }
         for key, (value, why) in refused.items():
             if value:
@@ -126,9 +127,11 @@ class RingTrainerMixin:
                                       f"causal LMs do); {type(self.model).__name__}'s forward does not")
 
     def _ring_patch(self, model: torch.nn.Module) -> None:
+        # apply_ring_attention's chunked loss (where it has one: loss_chunk_size) is its default; the
+        # Trainer only reads outputs.loss, so the logits it leaves out are not missed.
         kwargs = {}
-        if self._ring_chunked_loss and "loss_chunk_size" in inspect.signature(apply_ring_attention).parameters:
-            kwargs["loss_chunk_size"] = LOSS_CHUNK_SIZE  # the loss without the full logits, when available
+        if not self._ring_chunked_loss and "loss_chunk_size" in inspect.signature(apply_ring_attention).parameters:
+            kwargs["loss_chunk_size"] = None
         apply_ring_attention(model, self.ring_groups, **kwargs)
 
     def call_model_init(self, trial=None):
@@ -250,23 +253,32 @@ def _check_parallelism(pc, name: str) -> None:
 def _shard_by_ring(loader, groups):
     """Re-point an accelerate-prepared DataLoader from the global rank to the data-parallel rank.
 
+    Returns:
+        The same loader (its ``BatchSamplerShard`` now indexed by dp rank / dp size).
+
     Raises:
         NotImplementedError: the loader is not sharded by a ``BatchSamplerShard`` (iterable
             datasets, which accelerate dispatches from rank 0).
     """
-    from accelerate.data_loader import BatchSamplerShard
-
     if groups.world_size == 1:
         return loader
-    sampler = getattr(loader, "batch_sampler", None)
-    if not isinstance(sampler, BatchSamplerShard):
-        sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, BatchSamplerShard):
+    sampler = _batch_sampler_shard(loader)
+    if sampler is None:
         raise NotImplementedError(f"ring training needs a map-style dataset (e.g. a datasets.Dataset); got a "
                                   f"{type(getattr(loader, 'dataset', None)).__name__} loaded by "
                                   f"{type(loader).__name__}")
     sampler.num_processes, sampler.process_index = groups.dp_size, groups.dp_rank
     return loader
+
+
+def _batch_sampler_shard(loader):
+    """accelerate's ``BatchSamplerShard`` of a prepared loader (a batch sampler, or a sampler of batches)."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if isinstance(sampler, BatchSamplerShard):
+            return sampler
+    return None
 
 
 def _even_steps(loader, groups):
@@ -279,7 +291,7 @@ def _even_steps(loader, groups):
     loader = _shard_by_ring(loader, groups)
     if groups.world_size == 1:
         return loader
-    sampler = getattr(loader, "batch_sampler", None) or loader.sampler
+    sampler = _batch_sampler_shard(loader)
     sampler.even_batches = False
     steps = math.ceil(len(sampler.batch_sampler) / groups.dp_size)
     return _EvenSteps(loader, steps)
@@ -301,7 +313,8 @@ class _EvenSteps:
             yield batch
         for _ in range(self.steps - n):
             filler = dict(self.loader.collate_fn([self.dataset[0]]))
-            filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
+            if "labels" in filler:  # (without labels the step raises anyway, on every rank)
+                filler["labels"] = torch.full_like(filler["labels"], IGNORE_INDEX)
             yield filler
 
 
@@ -316,8 +329,9 @@ def _sft_trainer_class():
         """``trl.SFTTrainer`` with exact ring attention; one extra argument, ``ring_size``.
 
         Packing and padding-free batches work (documents come from the restarting
-        ``position_ids``). TRL computes the loss with its own chunked LM head, so the model is
-        patched without a chunked loss of its own.
+        ``position_ids``). TRL computes the loss with its own fused LM head (an instance
+        ``forward``), so the model is patched without the package's chunked loss, which would
+        wrap that forward.
         """
 
         _ring_chunked_loss = False

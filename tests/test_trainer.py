@@ -19,7 +19,10 @@ grad norm. One spawn per world:
     window 12; after training ``evaluate()`` on 5 rows (the rings get 3 and 2: uneven), against
     the reference Trainer evaluating the set as one batch (the token-weighted loss over the set);
   - sft_packing: TRL SFTTrainer with packing (BFD, padding-free: one row per micro-batch with
-    restarting position_ids and flash-attn kwargs), SGD, accumulation 2, max_length 30.
+    restarting position_ids and flash-attn kwargs), SGD, accumulation 2, max_length 30; then
+    ``evaluate()`` on 10 packed documents, as above;
+  - fsdp2_sgd_accum2: the model sharded over all 4 ranks by transformers' FSDP2 at load time
+    (``from_pretrained(distributed_config=DistributedConfig(fsdp_size=4))``) instead of DDP.
 
 Tolerances, relative, norm over all parameters:
 - parameters after each step: 1e-5; the update (after - initial): 1e-5 for SGD (measured
@@ -52,8 +55,9 @@ CASES = {
     "adamw_accum2": ("trainer", "llama", "adamw_torch", 2, "fixed", 1.0),
     "sgd_accum2_padded": ("trainer", "mistral", "sgd", 2, "padded", 0.0),
     "sft_packing": ("sft", "llama", "sgd", 2, "documents", 0.0),
+    "fsdp2_sgd_accum2": ("trainer", "llama", "sgd", 2, "fixed", 0.0),
 }
-WORLDS = {2: ("sgd", "adamw_accum2"), 4: ("sgd", "sgd_accum2_padded", "sft_packing")}
+WORLDS = {2: ("sgd", "adamw_accum2"), 4: ("sgd", "sgd_accum2_padded", "sft_packing", "fsdp2_sgd_accum2")}
 EXTRA = {"adamw_accum2": dict(save_strategy="steps", save_steps=1)}  # checkpoints for the resume check
 
 
@@ -88,6 +92,8 @@ def _setup(name: str, dp: int, out: str, *, ring_size: int | None, **overrides):
                   per_device_eval_batch_size=EVAL_ROWS if ring_size is None else B)
     common.update(overrides)
     model, tok, ring = tiny_model(family), _tokenizer(), ({} if ring_size is None else {"ring_size": ring_size})
+    if name.startswith("fsdp2") and ring_size is not None:
+        model = _fsdp2(model, out)
     n_rows = B * dp * accum * STEPS
     if kind == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -95,8 +101,9 @@ def _setup(name: str, dp: int, out: str, *, ring_size: int | None, **overrides):
         # SFTConfig turns bf16 autocast on by default: off, to compare in fp32.
         args = SFTConfig(**common, packing=True, max_length=ROW_LEN, bf16=False)
         docs = _rows(8 * n_rows, (3, 21), seed=1, labels=False)  # packed into rows of <= 30 (best-fit decreasing)
+        evaluation = _rows(10, (3, 21), seed=4, labels=False)  # packed into 4 rows: rings get 2 and 2
         return (hra.RingSFTTrainer if ring else SFTTrainer)(model=model, args=args, train_dataset=docs,
-                                                             processing_class=tok, **ring)
+                                                             eval_dataset=evaluation, processing_class=tok, **ring)
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments, default_data_collator
 
     if data == "padded":
@@ -109,9 +116,24 @@ def _setup(name: str, dp: int, out: str, *, ring_size: int | None, **overrides):
                                                   data_collator=collator, processing_class=tok, **ring)
 
 
+def _fsdp2(model, out):
+    """The same weights, sharded over all W ranks at load time by transformers' own FSDP2
+    (``from_pretrained(distributed_config=...)``; accelerate's FSDP plugin needs GPU processes)."""
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+
+    path = os.path.join(out, "init")
+    model.save_pretrained(path)  # written by rank 0
+    dist.barrier()
+    return type(model).from_pretrained(path, dtype=torch.float32,
+                                       distributed_config=DistributedConfig(fsdp_size=dist.get_world_size()))
+
+
 def _flat(params):
-    """All parameters as one float64 numpy vector (numpy: returned by value from the spawned ranks)."""
-    return torch.cat([p.detach().flatten().double() for p in params]).numpy()
+    """All parameters as one float64 numpy vector (numpy: returned by value from the spawned ranks).
+    FSDP2's sharded DTensors are gathered (a collective: every rank calls it at the same point)."""
+    return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().double()
+                      for p in params]).numpy()
 
 
 def _train(trainer, **kwargs) -> dict:
