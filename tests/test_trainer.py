@@ -22,7 +22,9 @@ grad norm. One spawn per world:
     restarting position_ids and flash-attn kwargs), SGD, accumulation 2, max_length 30; then
     ``evaluate()`` on 10 packed documents, as above;
   - fsdp2_sgd_accum2: the model sharded over all 4 ranks by transformers' FSDP2 at load time
-    (``from_pretrained(distributed_config=DistributedConfig(fsdp_size=4))``) instead of DDP.
+    (``from_pretrained(distributed_config=DistributedConfig(fsdp_size=4))``) instead of DDP;
+  - zero3_sgd_accum2_padded: sgd_accum2_padded (evaluation included) under DeepSpeed ZeRO-3
+    over all 4 ranks (TrainingArguments(deepspeed=...); gloo, DeepSpeed's CPU accelerator).
 
 Tolerances, relative, norm over all parameters:
 - parameters after each step: 1e-5; the update (after - initial): 1e-5 for SGD (measured
@@ -57,11 +59,17 @@ CASES = {
     "sgd_accum2_padded": ("trainer", "mistral", "sgd", 2, "padded", 0.0),
     "sft_packing": ("sft", "llama", "sgd", 2, "documents", 0.0),
     "fsdp2_sgd_accum2": ("trainer", "llama", "sgd", 2, "fixed", 0.0),
+    "zero3_sgd_accum2_padded": ("trainer", "mistral", "sgd", 2, "padded", 0.0),
 }
 HAS_TRL = importlib.util.find_spec("trl") is not None  # the SFTTrainer case needs the [trl] extra
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 WORLDS = {2: ("sgd", "adamw_accum2"),
-          4: ("sgd", "sgd_accum2_padded", *(("sft_packing",) if HAS_TRL else ()), "fsdp2_sgd_accum2")}
+          4: ("sgd", "sgd_accum2_padded", *(("sft_packing",) if HAS_TRL else ()), "fsdp2_sgd_accum2",
+              *(("zero3_sgd_accum2_padded",) if HAS_DEEPSPEED else ()))}
 EXTRA = {"adamw_accum2": dict(save_strategy="steps", save_steps=1)}  # checkpoints for the resume check
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": False}}
+RING_EXTRA = {"zero3_sgd_accum2_padded": dict(deepspeed=ZERO3)}  # the reference is one plain process
 
 
 def _tokenizer():
@@ -134,7 +142,14 @@ def _fsdp2(model, out):
 
 def _flat(params):
     """All parameters as one float64 numpy vector (numpy: returned by value from the spawned ranks).
-    FSDP2's sharded DTensors are gathered (a collective: every rank calls it at the same point)."""
+    FSDP2's DTensors and DeepSpeed ZeRO-3's partitions are gathered (collectives: every rank calls
+    this at the same point)."""
+    params = list(params)
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return _flat([p.detach().clone() for p in params])
     return torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().double()
                       for p in params]).numpy()
 
@@ -160,7 +175,8 @@ def _train(trainer, **kwargs) -> dict:
 
 def _run(world: int, out, *, ring_size: int | None) -> dict:
     dp = world // 2
-    results = {name: _train(_setup(name, dp, os.path.join(out, name), ring_size=ring_size, **EXTRA.get(name, {})))
+    results = {name: _train(_setup(name, dp, os.path.join(out, name), ring_size=ring_size, **EXTRA.get(name, {}),
+                                   **(RING_EXTRA.get(name, {}) if ring_size else {})))
                for name in WORLDS[world]}
     if ring_size is not None and "adamw_accum2" in results:
         resumed = _setup("adamw_accum2", dp, os.path.join(out, "resumed"), ring_size=ring_size)
