@@ -12,7 +12,18 @@ from .training import shard_window
 
 __all__ = [
     "IGNORE_INDEX", "PerplexityResult", "RingCommError", "RingGroups", "RingMismatchError", "RingOptions",
-    "RingOutOfStepError", "apply_ring_attention", "chunked_causal_lm_loss", "evaluate_perplexity", "remove_ring_attention", "ring_attention",
-    "setup_groups", "shard_batch", "shard_window", "shift_labels", "zigzag_shard", "zigzag_unshard",
+    "RingOutOfStepError", "RingTrainer", "apply_ring_attention", "chunked_causal_lm_loss", "evaluate_perplexity",
+    "remove_ring_attention", "ring_attention", "setup_groups", "shard_batch", "shard_window", "shift_labels",
+    "zigzag_shard", "zigzag_unshard",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The trainers import transformers' Trainer (RingSFTTrainer: TRL) only when asked for;
+    # RingSFTTrainer stays out of __all__ so that a star import does not need TRL.
+    if name in ("RingTrainer", "RingSFTTrainer", "RingTrainerMixin"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
