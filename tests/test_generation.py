@@ -2,9 +2,11 @@
 
 One spawn per ring size; every case runs inside it. Cases: tiny Llama (GQA 4/2 heads) and
 Mistral (GQA + sliding window 12 < the 29-token prompt, so the window cuts through the
-sharded cache), batch 2, prompt lengths 29 and 2 (not multiples of 2C; at ring 3 a 2-token
-prompt leaves rank 2 with an empty cache shard), greedy and sampling, a model passed in
-plain and one already patched.
+sharded cache), Llama with dynamic RoPE (its frequencies follow the sequence length, which
+a shard alone does not know), batch 2, prompt lengths 29 and 2 (not multiples of 2C; at ring
+3 a 2-token prompt leaves rank 2 with an empty cache shard), greedy and sampling, a model
+passed in plain and one already patched; refusals (left padding, prompts or seeds that differ
+across ranks, beam search) raise the same error on every rank.
 
 Tolerances:
 - fp32 logits of every step: relative error (norm over the batch and vocabulary) <= 2e-5.
@@ -39,12 +41,28 @@ def _gather(obj, world):
     return out
 
 
+def _dynamic_rope_llama():
+    """Tiny Llama with dynamic NTK RoPE past its 16 positions: frequencies depend on the sequence length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(config)
+
+
+MODELS = {"llama": lambda: tiny_model("llama"), "mistral": lambda: tiny_model("mistral"),
+          "llama-dynamic-rope": _dynamic_rope_llama}
+
+
 def _greedy_case(family, n, batch, groups, world, patched):
     ids = token_batch(n, batch=batch)
     kw = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True,
               output_scores=True, eos_token_id=None, pad_token_id=None)
-    ref = tiny_model(family).eval().generate(ids, **kw)
-    model = tiny_model(family).eval()
+    ref = MODELS[family]().eval().generate(ids, **kw)
+    model = MODELS[family]().eval()
     if patched:
         hra.apply_ring_attention(model, groups)
     out = hra.ring_generate(model, ids, groups, **kw)
@@ -102,7 +120,8 @@ REFUSALS = {
 def _run(rank, world):
     groups = hra.setup_groups(world)
     res = {"greedy": {}}
-    for family, n, batch, patched in [("llama", 29, 2, False), ("mistral", 29, 2, True), ("llama", 2, 1, False)]:
+    for family, n, batch, patched in [("llama", 29, 2, False), ("mistral", 29, 2, True), ("llama", 2, 1, False),
+                                      ("llama-dynamic-rope", 29, 1, False)]:
         res["greedy"][family, n, patched] = _greedy_case(family, n, batch, groups, world, patched)
     res["sampling"] = _sampling_case(groups, world)
     if world == 2:
