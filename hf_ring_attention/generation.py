@@ -219,7 +219,7 @@ class _Hooks:
         local = shard["position_ids"][0]  # (S_local,) global positions of this rank's rows
         keep = torch.nonzero(local < n).flatten()  # padding rows are dropped from the cache
         self.cache.begin_prefill(local.index_select(0, keep), keep)
-        # The prompt's last token (position n - 1) sits in chunk n // (N' / 2C) of the zigzag.
+        # The prompt's last token (position n - 1) sits in zigzag chunk (n - 1) // chunk_len (of 2C).
         chunk_len = local.numel() // 2
         chunk = (n - 1) // chunk_len
         self.src = chunk if chunk < self.size else 2 * self.size - 1 - chunk
