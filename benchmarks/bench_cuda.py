@@ -85,11 +85,12 @@ class _Solo:
 
 
 class _SoloComm:
-    def __init__(self, g: _Solo, **_):
-        self.g, self.kind, self.step = g, g.created % 3, 0  # ring_forward: 1 comm; ring_backward: kv, dkv
-        g.created += 1
+    """A ``RingOptions.comm``: the K/V of the step's source shard, handed over in place (no NCCL)."""
 
-    def send_recv(self, tensors):
+    def __init__(self, g: _Solo, *, tag: int, **_):
+        self.g, self.kind, self.step = g, tag % 3, 0  # direction: forward K/V, backward K/V, dK/dV
+
+    def send_recv(self, tensors, *, step=0):
         self.step += 1
         if self.kind == 2:  # dK/dV accumulators: values do not change the work
             return [torch.zeros_like(t) for t in tensors]
@@ -103,24 +104,20 @@ class _SoloComm:
 def per_rank(n, world, a, dtype, window=None):
     """Each rank's (median s, peak bytes) for its forward+backward loop of a ring of `world`."""
     q, k, v, do = inputs(n, a, dtype)
-    sh = lambda x, r: zigzag_shard(x, dim=2, rank=r, world_size=world).contiguous()  # noqa: E731
+    sh = lambda x, r: zigzag_shard(x, dim=2, rank=r, ring_size=world).contiguous()  # noqa: E731
     ks, vs = [sh(k, r) for r in range(world)], [sh(v, r) for r in range(world)]
     spec = MaskSpec(causal=True, window=window)
     res = []
-    orig = ring_mod.RingComm
-    ring_mod.RingComm = _SoloComm
-    try:
-        for r in range(world):
-            qr, dor = sh(q, r), sh(do, r)
-            cfg = ring_mod.RingConfig(_Solo(r, world, ks, vs), r, world, "zigzag", spec, a.head_dim ** -0.5,
-                                      select_kernel(qr, a.kernel))
+    for r in range(world):
+        qr, dor = sh(q, r), sh(do, r)
+        cfg = ring_mod.RingConfig(group=_Solo(r, world, ks, vs), rank=r, ring_size=world, layout="zigzag",
+                                  spec=spec, scale=a.head_dim ** -0.5, kernel=select_kernel(qr, a.kernel),
+                                  options=ring_mod.RingOptions(comm=_SoloComm))
 
-            def run(qr=qr, dor=dor, cfg=cfg, r=r):
-                out, lse = ring_mod.ring_forward(qr, ks[r], vs[r], cfg)
-                ring_mod.ring_backward(dor, qr, ks[r], vs[r], out, lse, cfg)
-            res.append(timed(run, a.repeats))
-    finally:
-        ring_mod.RingComm = orig
+        def run(qr=qr, dor=dor, cfg=cfg, r=r):
+            out, lse = ring_mod.ring_forward(qr, ks[r], vs[r], cfg)
+            ring_mod.ring_backward(dor, qr, ks[r], vs[r], out, lse, cfg)
+        res.append(timed(run, a.repeats))
     return res
 
 

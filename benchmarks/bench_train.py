@@ -44,9 +44,9 @@ Reported per configuration (fresh processes, ``--threads`` intra-op threads each
   speedup: against 1 process x 1 thread at the same N (the ``--single-threads`` rows);
 - fwd / bwd / opt: the slowest rank's median time of forward (incl. loss), backward (incl.
   checkpoint recomputation and DDP's all-reduce), optimizer step;
-- attention s: the slowest rank's median time inside the ring's forward and backward loops
-  (``hf_ring_attention.ring.ring_forward`` / ``ring_backward`` wrapped with timers here; the
-  forward runs twice with checkpointing), block kernels and waits for the ring's messages;
+- attention s: the slowest rank's median time in the ring's block kernels and its waits for
+  messages (timed through the package's seams: a timing ``Kernel`` and ``RingOptions(comm=...)``;
+  the forward runs twice with checkpointing); merges and planning are not in it;
 - peak mem/rank: the largest per-rank peak RSS above the RSS right before the step, after
   ``--warmup`` steps at the same N (AdamW's state exists by then, so it is in the baseline, as
   are weights and libraries; gradients, DDP buckets, activations, logits and all scratch are
@@ -138,37 +138,50 @@ class ChunkedLossLM(torch.nn.Module):
         return CausalLMOutput(loss=total / num_items_in_batch)
 
 
-ATTN_TIME = [0.0]  # seconds inside the ring's forward/backward loops (comm waits included)
+ATTN_TIME = [0.0]  # seconds in the ring's block kernels and its waits for messages
 
 
-def _time_ring_loops():
-    """Wrap the ring loops with timers (benchmark only; the package's functions run unchanged)."""
-    import hf_ring_attention.ring as ring_mod
+def _timed(fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            ATTN_TIME[0] += time.perf_counter() - t0
+    return wrapper
 
-    def timed(fn):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                ATTN_TIME[0] += time.perf_counter() - t0
-        return wrapper
 
-    if not hasattr(ring_mod, "_bench_timed"):
-        ring_mod.ring_forward, ring_mod.ring_backward = timed(ring_mod.ring_forward), timed(ring_mod.ring_backward)
-        ring_mod._bench_timed = True
+class _TimedComm:
+    """A ``RingOptions.comm`` that times the waits of ``RingComm`` (benchmark only)."""
+
+    def __init__(self, group, **kwargs):
+        from hf_ring_attention.comm import RingComm
+
+        self._comm = RingComm(group, **kwargs)
+        self.send_recv = self._comm.send_recv
+        self.wait = _timed(self._comm.wait)
+
+
+def _timed_ring(model, groups):
+    """Patch the model with the ring, timing its block kernels and message waits through the package's seams
+    (a Kernel object and RingOptions.comm), not by replacing its functions."""
+    from hf_ring_attention import RingOptions, apply_ring_attention
+    from hf_ring_attention.kernels import Kernel, select_kernel
+
+    k = select_kernel(next(model.parameters()))  # the kernel "auto" picks for this device and dtype
+    apply_ring_attention(model, groups, kernel=Kernel(_timed(k.forward), _timed(k.backward)),
+                         options=RingOptions(comm=_TimedComm))
 
 
 def run_rank(rank, world, c):
     """One configuration on one rank (``world`` = ring size C). c: see main. Returns measurements."""
-    from hf_ring_attention import apply_ring_attention, setup_groups, shard_batch
+    from hf_ring_attention import setup_groups, shard_batch
 
     torch.manual_seed(0)
     model = build_model(c)
     groups = setup_groups(world)
     if c["attn"] == "ring":
-        apply_ring_attention(model, groups)
-        _time_ring_loops()
+        _timed_ring(model, groups)
     n_params = sum(p.numel() for p in model.parameters())
     train_model = ChunkedLossLM(model, c["loss_chunk"]) if c["loss"] == "chunked" else model
     if world > 1 and c["grad_sync"] == "ddp":
@@ -182,13 +195,6 @@ def run_rank(rank, world, c):
         return shard_batch({"input_ids": ids, "labels": ids}, groups)
 
     def step(shard):
-        if c["attn"] == "ring":
-            # The ring caches document bounds keyed by the position tensor's address: a new shard's
-            # position_ids can reuse a freed one's address on some ranks only, which then skip the
-            # all-gather the others make (gloo fails). Clear it on every rank, as perplexity.py does.
-            from hf_ring_attention.integration import _STATE_ATTR
-
-            getattr(model, _STATE_ATTR)._docs_cache = (None, None)
         if world > 1:
             dist.barrier()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -394,7 +400,7 @@ def main():
               "are not what 4 cores would give")
     print("peak mem/rank: peak RSS above the RSS right before the step (weights, AdamW state, libraries excluded: "
           "see base RSS); logits/rank: one S_local x vocab fp32 tensor (chunked loss: one chunk); attention s: time "
-          "inside the ring loops (forward, checkpoint recompute, backward; comm waits included)" +
+          "in the ring's block kernels and message waits (forward, checkpoint recompute, backward)" +
           ("; in brackets: live torch allocations" if args.torch_mem else ""))
     if rows:
         print()

@@ -40,7 +40,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import hf_ring_attention as hra
 from eval_perplexity import DTYPES, _int_list, apply_rope_scaling, check_rope, rope_choices  # same RoPE options
-from hf_ring_attention.perplexity import _rope_sees_window_length
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n\n")
@@ -95,11 +94,10 @@ def teacher_forced(model, ids: torch.Tensor, answer: torch.Tensor, groups) -> tu
     n, a = ids.shape[1], answer.shape[1]
     batch = hra.shard_batch({"input_ids": full}, groups)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    with _rope_sees_window_length(decoder, [full.shape[1]]):  # only dynamic RoPE types are touched
-        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    hidden = hidden.last_hidden_state  # (1, S_local, H)
-    if groups.ring_size > 1:
-        hidden = hra.zigzag_unshard(hidden.contiguous(), dim=1, group=groups.ring_group)  # (1, N', H)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     ring_layout=batch["ring_layout"], ring_documents=batch["ring_documents"]).last_hidden_state
+    if groups.sp_size > 1:  # (1, S_local, H) -> (1, N', H)
+        hidden = hra.zigzag_unshard(hidden.contiguous(), dim=1, group=groups.sp_group)
     logp = torch.log_softmax(head(hidden[0, n - 1:n + a - 1]).float(), dim=-1)  # (A, V): predicts each answer token
     target = answer[0].to(logp.device)
     return float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
@@ -140,14 +138,14 @@ def evaluation_function(config: dict, args: argparse.Namespace) -> list[dict]:
                      "retrieved": bool(found and found.group() == key), "answer": text.strip(),
                      "tf_key_logprob": round(logprob, 4), "tf_key_argmax": argmax,
                      "rope_scaling": config["rope_scaling"], "rope_factor": config["rope_factor"],
-                     "filler": args.filler, "dtype": args.dtype, "ring_size": groups.ring_size,
+                     "filler": args.filler, "dtype": args.dtype, "ring_size": groups.sp_size,
                      "seconds": round(time.perf_counter() - start, 2)})
         state.print(f"L={n} depth={depth:.2f} trial={trial} key={key} answer={text.strip()!r} "
                     f"retrieved={rows[-1]['retrieved']} tf_logprob={logprob:.2f} tf_argmax={argmax} "
                     f"({rows[-1]['seconds']} s)")
     if dist.is_initialized() and groups.dp_size > 1:  # every ring's rows to every rank
         every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, rows if groups.ring_rank == 0 else [])
+        dist.all_gather_object(every, rows if groups.sp_rank == 0 else [])
         rows = [r for part in every for r in part]
     if state.is_main_process:
         print_table(rows)
@@ -197,7 +195,7 @@ def plot_results(csv_path: str, png_path: str) -> str:
         latest = {(r["label"], r["length"], r["depth"], r["trial"]): r for r in csv.DictReader(fh)}
     labels = sorted({k[0] for k in latest})
     fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels) + 1, 4), squeeze=False)
-    for ax, label in zip(axes[0], labels):
+    for i_ax, (ax, label) in enumerate(zip(axes[0], labels)):
         mine = [r for k, r in latest.items() if k[0] == label]
         lengths = sorted({int(r["length"]) for r in mine})
         depths = sorted({float(r["depth"]) for r in mine})
@@ -211,7 +209,8 @@ def plot_results(csv_path: str, png_path: str) -> str:
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("key depth")
+        if i_ax == 0:
+            ax.set_ylabel("key depth")
         ax.set_title(label)
         for i in range(len(depths)):
             for j in range(len(lengths)):

@@ -1,14 +1,18 @@
-"""hf_ring_attention: exact ring attention for Hugging Face Llama / Mistral models."""
+"""hf_ring_attention: exact ring attention for Hugging Face transformers models."""
 
+from .agreement import RingMismatchError
+from .comm import RingCommError, RingOutOfStepError
 from .groups import RingGroups, setup_groups
 from .integration import apply_ring_attention, remove_ring_attention
 from .perplexity import PerplexityResult, evaluate_perplexity
-from .ring import ring_attention
-from .sharding import IGNORE_INDEX, global_loss_tokens, shard_batch, shift_labels, zigzag_shard, zigzag_unshard
+from .ring import RingOptions, ring_attention
+from .sharding import IGNORE_INDEX, shard_batch, shift_labels, zigzag_shard, zigzag_unshard
+from .training import shard_window
 
 __all__ = [
-    "IGNORE_INDEX", "PerplexityResult", "RingCache", "RingGroups", "evaluate_perplexity", "apply_ring_attention", "global_loss_tokens", "remove_ring_attention",
-    "ring_attention", "ring_generate", "setup_groups", "shard_batch", "shift_labels", "zigzag_shard", "zigzag_unshard",
+    "IGNORE_INDEX", "PerplexityResult", "RingCache", "RingCommError", "RingGroups", "RingMismatchError",
+    "RingOptions", "RingOutOfStepError", "apply_ring_attention", "evaluate_perplexity", "remove_ring_attention",
+    "ring_attention", "ring_generate", "setup_groups", "shard_batch", "shard_window", "shift_labels", "zigzag_shard", "zigzag_unshard",
 ]
 __version__ = "0.1.0"
 

@@ -35,10 +35,9 @@ import torch
 import torch.distributed as dist
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .integration import _STATE_ATTR, apply_ring_attention, remove_ring_attention
+from .integration import _STATE_ATTR, RingForward, apply_ring_attention, patched_ring_size, remove_ring_attention
 from .kernels import merge_, select_kernel
-from .perplexity import _rope_sees_window_length
-from .sharding import shard_batch
+from .sharding import shard_batch, shard_index
 
 # generate() arguments that are not generation-config fields and that ring_generate passes on.
 _PASSED_ON = ("attention_mask", "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn")
@@ -187,11 +186,11 @@ class DecodeAttention:
 class _Hooks:
     """The forward pre-hook and hook that shard the prefill, plan the cache and share the logits."""
 
-    def __init__(self, cache: RingCache, groups, rope_length: list[int], pad_token_id: int, kernel: str | None):
-        self.cache, self.groups, self.rope_length, self.pad, self.kernel = cache, groups, rope_length, pad_token_id, kernel
-        self.size = 1 if groups is None else groups.ring_size
-        self.rank = 0 if groups is None else groups.ring_rank
-        self.group = None if groups is None else groups.ring_group
+    def __init__(self, cache: RingCache, groups, state, pad_token_id: int):
+        self.cache, self.groups, self.state, self.pad = cache, groups, state, pad_token_id
+        self.size = 1 if groups is None else groups.sp_size
+        self.rank = 0 if groups is None else groups.sp_rank
+        self.group = None if groups is None else groups.sp_group
         self.src, self.row, self.new = 0, None, 0
 
     def pre(self, module, args, kwargs):
@@ -204,23 +203,27 @@ class _Hooks:
         if pos is None or pos.shape[-1] != s or not bool((pos == expect).all()):
             raise RuntimeError(f"ring_generate expects position_ids {start}..{start + s - 1} for every row from "
                                "generate(); prompts must be equal-length and unpadded")
-        self.rope_length[0] = start + s  # dynamic RoPE picks its frequencies from this length on every rank
         self.new = s
-        if start == 0:
+        if start == 0:  # the patched model's own pre-hook then agrees on the shards and runs the ring
             return args, self._prefill(kwargs, ids, s)
         owner = start % self.size  # round robin by position: the cache grows evenly on every rank
         self.cache.begin_decode(expect, store=self.rank == owner)
         self.src, self.row = 0, None
-        kwargs["ring_decode"] = DecodeAttention(self.cache, expect, self.group, self.size, self.kernel)
+        kwargs["ring_decode"] = DecodeAttention(self.cache, expect, self.group, self.size, self.state.kernel)
+        # A ring_context tells the patch's pre-hook that this forward is settled (nothing to shard or
+        # agree on: every rank runs the same token); the patch's dynamic-RoPE hooks read max_position.
+        ctx = RingForward("zigzag", (None,) * ids.shape[0], start + s, start + s - 1)
+        self.state.forward = kwargs["ring_context"] = ctx
         return args, kwargs
 
     def _prefill(self, kwargs, ids, n):
         shard = shard_batch({"input_ids": ids}, self.groups, pad_token_id=self.pad)
-        local = shard["position_ids"][0]  # (S_local,) global positions of this rank's rows
-        keep = torch.nonzero(local < n).flatten()  # padding rows are dropped from the cache
-        self.cache.begin_prefill(local.index_select(0, keep), keep)
-        # The prompt's last token (position n - 1) sits in zigzag chunk (n - 1) // chunk_len (of 2C).
-        chunk_len = local.numel() // 2
+        s_local = shard["input_ids"].shape[1]
+        index = shard_index("zigzag", self.rank, self.size, s_local).to(ids.device)  # (S_local,) global indices
+        keep = torch.nonzero(index < n).flatten()  # padding rows are dropped from the cache
+        self.cache.begin_prefill(index.index_select(0, keep), keep)
+        # The prompt's last token (index n - 1) sits in zigzag chunk (n - 1) // chunk_len (of 2C).
+        chunk_len = s_local // 2
         chunk = (n - 1) // chunk_len
         self.src = chunk if chunk < self.size else 2 * self.size - 1 - chunk
         row = (n - 1) - chunk * chunk_len + (0 if chunk < self.size else chunk_len)
@@ -272,28 +275,27 @@ def ring_generate(model: torch.nn.Module, input_ids: torch.Tensor, groups=None, 
         Every rank raises the same error: the arguments are checked on every rank, then
         agreed with one all-gather, before any other communication.
     """
-    size = 1 if groups is None else groups.ring_size
-    group = None if groups is None else groups.ring_group
+    size = 1 if groups is None else groups.sp_size
+    group = None if groups is None else groups.sp_group
     error = _check_local(model, input_ids, groups, generate_kwargs)
     _agree(error, input_ids, generate_kwargs, model, group, size)
 
-    patched = hasattr(model, "_hf_ring_saved")
+    patched = patched_ring_size(model) is not None
     if not patched:
         apply_ring_attention(model, groups)
     state = getattr(model, _STATE_ATTR)
     text_config = model.config.get_text_config(decoder=True)
     cache = RingCache(text_config.num_hidden_layers)
     pad = getattr(text_config, "pad_token_id", None)
-    rope_length = [0]
-    hooks = _Hooks(cache, groups, rope_length, 0 if pad is None else int(pad), state.kernel)
+    hooks = _Hooks(cache, groups, state, 0 if pad is None else int(pad))
     handles = [model.register_forward_pre_hook(hooks.pre, with_kwargs=True, prepend=True),
                model.register_forward_hook(hooks.post, with_kwargs=True)]
     if generate_kwargs.get("attention_mask") is None:  # prompts are unpadded: generate must not infer padding
         generate_kwargs["attention_mask"] = torch.ones_like(input_ids)  # from pad tokens inside a prompt
     try:
-        with _rope_sees_window_length(model.get_decoder(), rope_length):
-            return model.generate(input_ids, cache=cache, use_cache=True, **generate_kwargs)
+        return model.generate(input_ids, cache=cache, use_cache=True, **generate_kwargs)
     finally:
+        state.forward = None
         for h in handles:
             h.remove()
         if not patched:
@@ -322,10 +324,9 @@ def _check_local(model, input_ids, groups, kwargs) -> Exception | None:
         if groups is None and dist.is_initialized() and dist.get_world_size() > 1:
             return ValueError("ring_generate(groups=None) runs one process, but torch.distributed has "
                               f"{dist.get_world_size()} ranks: pass groups=hf_ring_attention.setup_groups(ring_size)")
-        saved = getattr(model, _STATE_ATTR, None)
-        size = 1 if groups is None else groups.ring_size
-        patched_size = getattr(saved, "ring_size", getattr(saved, "world_size", None))
-        if hasattr(model, "_hf_ring_saved") and saved is not None and patched_size != size:
+        size = 1 if groups is None else groups.sp_size
+        patched_size = patched_ring_size(model)
+        if patched_size is not None and patched_size != size:
             return ValueError(f"the model is patched for a ring of {patched_size} but groups.ring_size is {size}; "
                               "pass the groups used in apply_ring_attention(model, groups)")
         for name in ("cache", "past_key_values"):

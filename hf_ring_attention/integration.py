@@ -6,16 +6,25 @@ transformers is patched. The attention function is the transformers contract
 ``(module, query, key, value, attention_mask, *, scaling, dropout, sliding_window, **kwargs)
 -> (out (B, S, H, D), None)`` with query (B, Hq, S_local, D) and key/value (B, Hkv, S_local, D)
 of this rank's zigzag shard (https://huggingface.co/docs/transformers/en/attention_interface).
+
+Validation happens once per forward, where the call enters: a forward pre-hook on the model
+(and on its decoder, for callers that run the decoder alone) checks the call locally, runs ONE
+agreement over the ring (``agreement.agree``: shapes, dtype, layout, document bounds, config,
+and every rank's local verdict) and passes a ``ring_context`` keyword down; transformers hands
+the model's keyword arguments on to every attention call, so the attention function runs the
+ring with no collective of its own (and the same context is there when checkpointing recomputes
+a layer in backward).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .ring import ring_attention
+from .agreement import agree, dtype_code
+from .ring import LAYOUTS, RingOptions, make_config, run_ring
 from .sharding import zigzag_unshard
 
 # Our own key: names containing "flash", "sdpa" or "flex_attention" trigger transformers'
@@ -29,6 +38,26 @@ _UNSUPPORTED = {  # kwarg a model passes -> what it means
     "sinks": "attention sinks",
     "position_bias": "additive position biases (ALiBi / T5-style)",
 }
+# Config attributes whose values every rank must share (they shape attention and positions).
+_CONFIG_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "num_hidden_layers",
+                  "sliding_window", "layer_types", "rope_parameters", "rope_scaling", "max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class RingForward:
+    """What one agreed forward pass tells every attention call (the ``ring_context`` keyword).
+
+    Attributes:
+        layout: "zigzag" or "zigzag_docs".
+        documents: per batch row, the global document boundaries (0, ..., N), or None for one document.
+        length: the global (padded) sequence length N.
+        max_position: the largest position id over the ring (what an unsharded dynamic RoPE sees).
+    """
+
+    layout: str
+    documents: tuple[tuple[int, ...] | None, ...]
+    length: int
+    max_position: int
 
 
 @dataclass
@@ -36,37 +65,11 @@ class RingState:
     """What the attention function needs, attached to each module of the patched model."""
 
     group: dist.ProcessGroup | None
-    world_size: int
-    layout: str = "zigzag"
-    kernel: str | None = None
+    ring_size: int
+    kernel: object = None  # a kernel name or a kernels.Kernel (None: auto)
     detect_documents: bool = True
-    _docs_cache: tuple = field(default=(None, None), repr=False)
-
-    def document_bounds(self, position_ids: torch.Tensor | None, batch: int) -> list[list[int] | None]:
-        """Global document boundaries per batch row, from the (sharded) position ids.
-
-        A document starts where the position does not follow the previous one by 1, as in
-        transformers' ``find_packed_sequence_indices``. All layers of one forward pass share
-        the same position_ids tensor, so the one small all-gather runs once per forward.
-        """
-        if position_ids is None or not self.detect_documents:
-            return [None] * batch
-        # Keyed on the tensor object itself (and its version): an address could be reused by a
-        # new tensor on one rank only, which would skip an all-gather its peers make.
-        cached, bounds = self._docs_cache
-        if cached is not None and cached[0] is position_ids and cached[1] == position_ids._version:
-            return bounds
-        key = (position_ids, position_ids._version)
-        pos = zigzag_unshard(position_ids.contiguous(), dim=-1, group=self.group) if self.world_size > 1 \
-            else position_ids
-        pos = pos.expand(batch, -1)
-        starts = torch.diff(pos, dim=-1) != 1  # (B, N - 1): True where a new document begins
-        bounds = []
-        for row in starts.cpu():
-            cut = (torch.nonzero(row).flatten() + 1).tolist()
-            bounds.append([0, *cut, pos.shape[-1]] if cut else None)
-        self._docs_cache = (key, bounds)
-        return bounds
+    options: RingOptions | None = None
+    forward: RingForward | None = None  # the current forward's context (read by the RoPE hooks)
 
 
 def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -87,9 +90,11 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         raise ValueError(f"attn_implementation={ATTN_KEY!r} needs hf_ring_attention.apply_ring_attention(model) "
                          "(it attaches the process group); set the implementation through that call")
     for name, what in _UNSUPPORTED.items():
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"ring attention does not implement {what} ({name}={kwargs[name]!r}); "
-                                      "use the model's own attention implementation")
+        value_ = kwargs.get(name)
+        if value_ is not None:
+            shown = f"a tensor of shape {tuple(value_.shape)}" if torch.is_tensor(value_) else repr(value_)
+            raise NotImplementedError(f"ring attention does not implement {what} (the model passes {name}= "
+                                      f"{shown}); use the model's own attention implementation")
     if dropout:
         raise ValueError(f"attention dropout={dropout} is not supported by ring attention; set "
                          "model.config.attention_dropout = 0.0")
@@ -107,27 +112,32 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         raise ValueError(f"query length {query.shape[2]} != key length {key.shape[2]}: a KV cache is in use. "
                          "Ring attention runs without a cache: call the model with use_cache=False, or "
                          "remove_ring_attention(model) before generate()")
-    layout = state.layout
-    docs = kwargs.get("ring_documents")  # from shard_batch: per-row boundaries, per-document zigzag
-    if docs is not None:
-        layout = "zigzag_docs"
-        docs = [list(d) for d in docs]
-    else:
-        docs = state.document_bounds(kwargs.get("position_ids"), query.shape[0])
-    common = dict(group=state.group, causal=True, scale=scaling, layout=layout,
-                  sliding_window=sliding_window, kernel=state.kernel)
+    ctx: RingForward | None = kwargs.get("ring_context")
+    if ctx is None:
+        raise ValueError("ring attention was called outside a forward of the patched model (no ring_context): "
+                         "call the model or its decoder (their forward agrees on the shards first), or call "
+                         "hf_ring_attention.ring_attention directly")
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):
         # Under autocast RoPE returns fp32 q/k while v is in the autocast dtype; SDPA casts all
         # three itself. Do the same, then run the ring outside autocast (fp32 accumulators stay fp32).
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    rank = dist.get_rank(state.group) if state.ring_size > 1 else 0
+    tag = int(getattr(module, "layer_idx", 0) or 0)
+
+    def one(q, k, v, docs):
+        cfg = make_config(q, k, v, group=state.group, rank=rank, ring_size=state.ring_size, causal=True,
+                          scale=scaling, layout=ctx.layout, sliding_window=sliding_window, cu_seqlens=docs,
+                          kernel=state.kernel, options=state.options, tag=tag)
+        return run_ring(q, k, v, cfg)
+
+    docs = ctx.documents
     with torch.autocast(device_type, enabled=False):
         if all(d == docs[0] for d in docs):
-            out = ring_attention(query, key, value, cu_seqlens=docs[0], **common)
+            out = one(query, key, value, docs[0])
         else:  # rows packed differently: one ring pass per row
-            out = torch.cat([ring_attention(query[i:i + 1], key[i:i + 1], value[i:i + 1], cu_seqlens=d,
-                                            **common) for i, d in enumerate(docs)], dim=0)
+            out = torch.cat([one(query[i:i + 1], key[i:i + 1], value[i:i + 1], d) for i, d in enumerate(docs)])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -151,44 +161,161 @@ def _register() -> None:
 
 
 def _resolve_group(group) -> dist.ProcessGroup | None:
-    return getattr(group, "ring_group", group)  # a RingGroups or a ProcessGroup
+    return getattr(group, "sp_group", group)  # a RingGroups or a ProcessGroup
 
 
-def _check_call(model, args, kwargs, state: RingState) -> None:
+# ------------------------------------------------------------------------------ the forward hook
+def _local_verdict(model, kwargs: dict, ids_shape, state: RingState) -> str | None:
+    """This rank's own checks of a forward call (no communication): an error message or None."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if getattr(cache, "ring_sharded", False):
-        pass  # hf_ring_attention.ring_generate: a cache sharded like the ring (generation.RingCache)
+        pass  # hf_ring_attention.ring_generate's prefill: a cache sharded like the ring (generation.RingCache)
     elif kwargs.get("use_cache") or cache is not None:
-        raise ValueError("ring attention runs without a KV cache: pass use_cache=False; generate with "
-                         "hf_ring_attention.ring_generate (sharded cache), or remove_ring_attention(model) first")
-    if state.world_size > 1 and kwargs.get("position_ids") is None:
-        raise ValueError("a ring-sharded forward needs the global position_ids of this rank's tokens "
-                         "(otherwise RoPE sees local positions); use hf_ring_attention.shard_batch(batch, groups)")
-    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
-    if state.world_size > 1 and torch.is_grad_enabled() and rope.get("rope_type", rope.get("type")) in _DYNAMIC_ROPE:
-        raise NotImplementedError(f"rope_type={rope.get('rope_type')!r} picks its frequencies from the largest "
-                                  "position each rank sees, which differs across ring ranks; train with a static "
-                                  "RoPE type (default, linear, yarn, llama3). hf_ring_attention.evaluate_perplexity "
-                                  "evaluates dynamic RoPE exactly (under torch.no_grad)")
+        return ("ring attention runs without a KV cache: pass use_cache=False; generate with "
+                "hf_ring_attention.ring_generate (sharded cache), or remove_ring_attention(model) first")
+    if ids_shape is None or len(ids_shape) < 2:
+        return "the forward needs input_ids (B, S_local) or inputs_embeds (B, S_local, H)"
+    pos = kwargs.get("position_ids")
+    if state.ring_size > 1 and pos is None:
+        return ("a ring-sharded forward needs the global position_ids of this rank's tokens (otherwise RoPE sees "
+                "local positions); use hf_ring_attention.shard_batch(batch, groups)")
+    if pos is not None and (pos.dim() != 2 or pos.shape[-1] != ids_shape[1]):
+        return f"position_ids of shape {tuple(pos.shape)} do not match the tokens (B, S_local) = {tuple(ids_shape[:2])}"
+    if state.ring_size > 1 and ids_shape[1] % 2:
+        return (f"the local length {ids_shape[1]} is odd: a zigzag shard holds two equal chunks; pad the full "
+                "sequence to a multiple of 2 * ring_size (shard_batch does this)")
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
-        raise ValueError("ring attention does not support padding in attention_mask; drop the mask and pad "
-                         "with ignored labels (shard_batch does this)")
+        return ("ring attention does not support padding in attention_mask; drop the mask and pad with ignored "
+                "labels (shard_batch does this)")
+    layout, docs = kwargs.get("ring_layout"), kwargs.get("ring_documents")
+    if layout is not None and layout not in LAYOUTS:
+        return f"ring_layout={layout!r} is not known; choose one of {LAYOUTS}"
+    if docs is not None:
+        total = ids_shape[1] * state.ring_size
+        if len(docs) != ids_shape[0] or any(len(d) < 2 or d[0] != 0 or d[-1] != total for d in docs):
+            return (f"ring_documents must give, for each of the {ids_shape[0]} rows, boundaries from 0 to the global "
+                    f"length {total}; got {docs!r}. Pass the dict shard_batch returns as it is")
+    return None
 
 
-def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | None = None,
-                         detect_documents: bool = True) -> torch.nn.Module:
+def _forward_signature(model, kwargs: dict, ids_shape, state: RingState) -> dict:
+    device_type = model.device.type if hasattr(model, "device") else "cpu"
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else model.dtype
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {"batch and local length (B, S_local)": tuple(ids_shape[:2]) if ids_shape else (),
+            "dtype": dtype_code(dtype), "ring size": state.ring_size,
+            "ring_layout": kwargs.get("ring_layout"), "ring_documents": kwargs.get("ring_documents"),
+            "model config": tuple(repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
+            "training mode": int(model.training), "gradients enabled": int(torch.is_grad_enabled())}
+
+
+def _documents_from_positions(pos: torch.Tensor, state: RingState, batch: int) -> tuple:
+    """Per-row global document bounds from restarting position ids (an all-gather over the ring)."""
+    if state.ring_size > 1:
+        pos = zigzag_unshard(pos.contiguous(), dim=-1, group=state.group)
+    pos = pos.expand(batch, -1)
+    starts = torch.diff(pos, dim=-1) != 1  # (B, N - 1): True where a new document begins
+    out = []
+    for row in starts.cpu():
+        cut = (torch.nonzero(row).flatten() + 1).tolist()
+        out.append((0, *cut, pos.shape[-1]) if cut else None)
+    return tuple(out)
+
+
+def _before_forward(model, args, kwargs):
+    """Forward pre-hook: local checks, one agreement over the ring, then the ``ring_context`` keyword."""
+    if kwargs.get("ring_context") is not None:
+        return None  # the outer model's hook already agreed (the decoder called from the causal-LM forward)
+    state: RingState = getattr(model, _STATE_ATTR)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    ids_shape = tuple(ids.shape) if ids is not None else (tuple(embeds.shape) if embeds is not None else None)
+    try:
+        error = _local_verdict(model, kwargs, ids_shape, state)
+    except Exception as e:  # noqa: BLE001 - becomes this rank's verdict: every rank raises it together
+        error = f"{type(e).__name__}: {e}"
+    pos = kwargs.get("position_ids")
+    local_max = int(pos.max()) if error is None and pos is not None and pos.numel() else 0
+    if state.ring_size > 1:
+        device = pos.device if pos is not None else (ids if ids is not None else embeds).device
+        extras = agree(_forward_signature(model, kwargs, ids_shape, state), error, group=state.group, device=device,
+                       what=f"the ring forward of {type(model).__name__}", extra=(local_max,))
+        max_position = max(e[0] for e in extras)
+    elif error is not None:
+        raise ValueError(error)
+    else:
+        max_position = local_max
+    b, s_local = ids_shape[0], ids_shape[1]
+    docs = kwargs.pop("ring_documents", None)
+    layout = kwargs.pop("ring_layout", None) or ("zigzag_docs" if docs is not None and state.ring_size > 1
+                                                 and any(len(d) > 2 for d in docs) else "zigzag")
+    if docs is not None:
+        docs = tuple(tuple(int(x) for x in d) if len(d) > 2 else None for d in docs)
+    elif state.detect_documents and pos is not None:
+        docs = _documents_from_positions(pos, state, b)  # agreed above: every rank gathers
+    else:
+        docs = (None,) * b
+    if layout == "zigzag_docs":  # one document per row is the plain zigzag: the planner wants it as bounds
+        docs = tuple(d if d is not None else (0, s_local * state.ring_size) for d in docs)
+    ctx = RingForward(layout, docs, s_local * state.ring_size, max_position)
+    state.forward = ctx
+    kwargs["ring_context"] = ctx
+    return args, kwargs
+
+
+def _dynamic_rope_hooks(model, state: RingState) -> list:
+    """Make dynamic / longrope RoPE pick its frequencies from the ring's largest position.
+
+    Transformers' ``dynamic_rope_update`` uses max(position_ids) + 1 of the tensor it gets; a zigzag
+    shard holds different positions on each rank. The hooks append the ring's largest position
+    (agreed in the forward hook) as an extra column and drop it from the (cos, sin) output.
+    """
+    modules = []
+    for m in model.modules():
+        kind = getattr(m, "rope_type", None)
+        kinds = kind.values() if isinstance(kind, dict) else [kind]
+        if hasattr(m, "inv_freq") and any(isinstance(k, str) and any(d in k for d in _DYNAMIC_ROPE) for k in kinds):
+            modules.append(m)
+    if not modules or state.ring_size == 1:
+        return []
+
+    def pre(module, args, kwargs):
+        ctx = state.forward
+        if ctx is None:
+            return None
+        pos = kwargs["position_ids"] if "position_ids" in kwargs else args[1]  # (B, S_local)
+        pos = torch.cat([pos, pos.new_full((pos.shape[0], 1), ctx.max_position)], dim=1)
+        if "position_ids" in kwargs:
+            return args, {**kwargs, "position_ids": pos}
+        return (args[0], pos, *args[2:]), kwargs
+
+    def post(module, args, kwargs, output):
+        if state.forward is None:
+            return None
+        return tuple(o[:, :-1] for o in output)  # (cos, sin): (B, S_local, D)
+
+    return [h for m in modules for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
+                                         m.register_forward_hook(post, with_kwargs=True))]
+
+
+def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
+                         detect_documents: bool = True, options: RingOptions | None = None) -> torch.nn.Module:
     """Switch a transformers model to exact ring attention over ``group``.
 
     Args:
         model: a ``PreTrainedModel`` whose attention goes through ``AttentionInterface``
             (Llama, Mistral, Qwen2/3, ...).
         group: the ring's ProcessGroup, or a ``RingGroups`` (default: the world group).
-        kernel: block kernel name (default: chosen per device and dtype).
-        detect_documents: treat restarting position_ids as packed documents (as transformers does).
+        kernel: block kernel name, or a ``kernels.Kernel`` (default: chosen per device and dtype).
+        detect_documents: for calls without ``ring_documents`` (not from ``shard_batch``), treat
+            restarting position_ids as packed documents (as transformers does).
+        options: the ring's communication and tiling (``RingOptions``; default: ``RingComm`` with the
+            group's timeout).
 
     Returns:
-        The same model (idempotent: a second call only updates the group).
+        The same model (idempotent: a second call only updates the group and options).
 
     Raises:
         NotImplementedError: encoder-decoder models or models that cannot switch attention.
@@ -202,21 +329,32 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel: str | No
         raise NotImplementedError("attention logit softcapping is not supported by ring attention")
     _register()
     ring = _resolve_group(group)
-    world = dist.get_world_size(ring) if dist.is_initialized() else 1
-    state = RingState(ring, world, kernel=kernel, detect_documents=detect_documents)
-    if not hasattr(model, "_hf_ring_saved"):
-        previous = config._attn_implementation
-        model.set_attn_implementation(ATTN_KEY)
-        if config._attn_implementation != ATTN_KEY:
-            raise NotImplementedError(f"{type(model).__name__} cannot switch its attention implementation "
-                                      "(it does not use transformers' AttentionInterface)")
-        hook = model.register_forward_pre_hook(
-            lambda m, a, k: _check_call(m, a, k, getattr(m, _STATE_ATTR)), with_kwargs=True)
-        model._hf_ring_saved = (previous, config.use_cache, hook)
-        config.use_cache = False
+    size = dist.get_world_size(ring) if dist.is_initialized() else 1
+    state = RingState(ring, size, kernel=kernel, detect_documents=detect_documents, options=options)
+    if hasattr(model, "_hf_ring_saved"):
+        remove_ring_attention(model)
+    previous = config._attn_implementation
+    model.set_attn_implementation(ATTN_KEY)
+    if config._attn_implementation != ATTN_KEY:
+        raise NotImplementedError(f"{type(model).__name__} cannot switch its attention implementation "
+                                  "(it does not use transformers' AttentionInterface)")
+    entries = [model]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, torch.nn.Module) and decoder is not model:
+        entries.append(decoder)  # e.g. evaluate_perplexity runs the decoder alone
+    hooks = [m.register_forward_pre_hook(_before_forward, with_kwargs=True) for m in entries]
+    hooks += _dynamic_rope_hooks(model, state)
+    model._hf_ring_saved = (previous, config.use_cache, hooks)
+    config.use_cache = False
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)
     return model
+
+
+def patched_ring_size(model: torch.nn.Module) -> int | None:
+    """The ring size ``model`` is patched for by ``apply_ring_attention``, or None when it is not patched."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None or model.config._attn_implementation != ATTN_KEY else state.ring_size
 
 
 def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
@@ -224,8 +362,9 @@ def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
     saved = getattr(model, "_hf_ring_saved", None)
     if saved is None:
         return model
-    previous, use_cache, hook = saved
-    hook.remove()
+    previous, use_cache, hooks = saved
+    for h in hooks:
+        h.remove()
     model.set_attn_implementation(previous)
     model.config.use_cache = use_cache
     for m in model.modules():

@@ -261,12 +261,14 @@ KERNELS: dict[str, Kernel] = {
 }
 
 
-def select_kernel(q: torch.Tensor, name: str | None = None) -> Kernel:
-    """Pick the block kernel for ``q``'s device and dtype, or the one named.
+def select_kernel(q: torch.Tensor, name: str | Kernel | None = None) -> Kernel:
+    """Pick the block kernel for ``q``'s device and dtype, or the one named (a ``Kernel`` is used as given).
 
     Raises:
         ValueError: ``name`` is not one of ``KERNELS``, or does not fit the tensors.
     """
+    if isinstance(name, Kernel):
+        return name
     if name is None or name == "auto":
         if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             name = "cpu_flash"

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .integration import ATTN_KEY, _STATE_ATTR
+from .integration import patched_ring_size
 from .sharding import IGNORE_INDEX, shard_batch
 
 # Config attributes that change logits after the LM head; the chunked head here would
@@ -111,57 +111,34 @@ def _check_model(model: torch.nn.Module, ring_size: int) -> tuple[torch.nn.Modul
         if value is not None and value != off:
             raise NotImplementedError(f"config.{name}={value!r} transforms the logits after the LM head, which the "
                                       "chunked perplexity does not reproduce; evaluate this model another way")
-    state = getattr(model, _STATE_ATTR, None) if config._attn_implementation == ATTN_KEY else None
-    if ring_size > 1 and state is None:
+    patched = patched_ring_size(model)
+    if ring_size > 1 and patched is None:
         raise ValueError(f"ring_size={ring_size} but the model uses attention {config._attn_implementation!r}: "
                          "call hf_ring_attention.apply_ring_attention(model, groups) first")
-    if state is not None and state.world_size != ring_size:
-        raise ValueError(f"the model is patched for a ring of {state.world_size} processes but groups has "
+    if patched is not None and patched != ring_size:
+        raise ValueError(f"the model is patched for a ring of {patched} processes but groups has "
                          f"ring_size={ring_size}; pass the groups used in apply_ring_attention(model, groups)")
     return decoder, lm_head
 
 
 @contextmanager
-def _rope_sees_window_length(decoder: torch.nn.Module, length: list[int]) -> Iterator[None]:
-    """Make dynamic RoPE (``dynamic``, ``longrope``) pick its frequencies from the window length.
+def _fresh_dynamic_rope(decoder: torch.nn.Module) -> Iterator[None]:
+    """Score every window as a freshly loaded model would, whatever was evaluated before.
 
-    Transformers' ``dynamic_rope_update`` sets seq_len = max(position_ids) + 1 of the tensor it
-    gets. A zigzag shard holds different positions on each rank, and padding adds positions past
-    the window, so each rank would pick different frequencies than the unsharded model. Hooks on
-    the rotary module append the window's last position and clip padding positions to it, so
-    every rank sees seq_len = L, then drop the extra column. Padding tokens get clipped
-    positions; their targets are ignored and, causally, no real token attends them.
-
-    ``dynamic`` RoPE also keeps the frequencies of the longest length it has seen; the pre-hook
-    resets that state, so every window is scored as by a freshly loaded model and results do
-    not depend on the order of ``context_lengths`` or on earlier calls.
+    ``dynamic`` RoPE keeps the frequencies of the longest length it has seen; a pre-hook on its
+    rotary modules restores the original ones before every forward, so results do not depend on the
+    order of ``context_lengths`` or on earlier calls. (On a ring, the patch itself makes dynamic RoPE
+    see the whole window's largest position.)
     """
-    modules = []
-    for m in decoder.modules():
-        kind = getattr(m, "rope_type", None)
-        kinds = kind.values() if isinstance(kind, dict) else [kind]
-        if hasattr(m, "inv_freq") and any(isinstance(k, str) and ("dynamic" in k or k == "longrope")
-                                          for k in kinds):
-            modules.append(m)
+    modules = [m for m in decoder.modules() if isinstance(getattr(m, "rope_type", None), str)
+               and "dynamic" in m.rope_type and hasattr(m, "original_inv_freq") and hasattr(m, "original_max_seq_len")]
 
     def pre(module, args, kwargs):
-        if isinstance(module.rope_type, str) and "dynamic" in module.rope_type \
-                and hasattr(module, "original_inv_freq") and hasattr(module, "original_max_seq_len"):
-            module.register_buffer("inv_freq", module.original_inv_freq.to(module.inv_freq.device).clone(),
-                                   persistent=False)
-            module.max_seq_len_cached = module.original_max_seq_len
-        pos = kwargs["position_ids"] if "position_ids" in kwargs else args[1]  # (B, S_local)
-        last = length[0] - 1
-        pos = torch.cat([pos.clamp(max=last), pos.new_full((pos.shape[0], 1), last)], dim=1)
-        if "position_ids" in kwargs:
-            return args, {**kwargs, "position_ids": pos}
-        return (args[0], pos, *args[2:]), kwargs
+        module.register_buffer("inv_freq", module.original_inv_freq.to(module.inv_freq.device).clone(),
+                               persistent=False)
+        module.max_seq_len_cached = module.original_max_seq_len
 
-    def post(module, args, kwargs, output):
-        return tuple(o[:, :-1] for o in output)  # (cos, sin): (B, S_local, D)
-
-    handles = [h for m in modules for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
-                                            m.register_forward_hook(post, with_kwargs=True))]
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in modules]
     try:
         yield
     finally:
@@ -169,25 +146,12 @@ def _rope_sees_window_length(decoder: torch.nn.Module, length: list[int]) -> Ite
             h.remove()
 
 
-def _clear_document_cache(model: torch.nn.Module) -> None:
-    """Forget the ring's cached document bounds, on every rank at the same point.
-
-    ``RingState.document_bounds`` keys its cache on the position tensor's address. A new
-    tensor can reuse a freed one's address (same shape, version 0): a rank that then hits the
-    stale entry skips the all-gather its ring peers make, and the collectives fall out of step
-    (gloo aborts: "op.preamble.length <= op.nbytes. 32 vs 20"). Within one call the position
-    tensors stay alive, so only entries from before the call can be stale, and none after it.
-    """
-    state = getattr(model, _STATE_ATTR, None)
-    if state is not None and hasattr(state, "_docs_cache"):
-        state._docs_cache = (None, None)
-
-
 def _window_nll(decoder: torch.nn.Module, lm_head: torch.nn.Module, batch: dict,
                 chunk_size: int) -> tuple[torch.Tensor, int]:
     """Sum of NLL (fp64) and count of this rank's scored targets in one sharded window."""
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     use_cache=False).last_hidden_state[0]  # (S_local, H)
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                     ring_layout=batch["ring_layout"], ring_documents=batch["ring_documents"],
+                     ).last_hidden_state[0]  # (S_local, H)
     targets = batch["shift_labels"][0]  # (S_local,)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]  # (T, H), (T,)
@@ -237,7 +201,7 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, context
         raise ValueError(f"context_lengths={context_lengths!r} must be a non-empty list of ints, e.g. [1024, 2048]")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
-    ring = 1 if groups is None else groups.ring_size
+    ring = 1 if groups is None else groups.sp_size
     dp_rank, dp_size = (0, 1) if groups is None else (groups.dp_rank, groups.dp_size)
     plans = [window_plan(token_ids.numel(), length, stride=stride, max_windows=max_windows)
              for length in context_lengths]
@@ -252,41 +216,26 @@ def evaluate_perplexity(model: torch.nn.Module, token_ids: torch.Tensor, context
     sums = torch.zeros(len(plans), 2, dtype=torch.float64, device=device)  # (lengths, [nll, tokens])
     was_training = model.training
     model.eval()
-    length = [0]  # read by the RoPE hooks
-    alive: list[torch.Tensor] = []  # the sharded position_ids of each length (see _clear_document_cache)
-    _clear_document_cache(model)
     try:
-        with _rope_sees_window_length(decoder, length):
+        with _fresh_dynamic_rope(decoder):
             for i, (context, plan) in enumerate(zip(context_lengths, plans)):
-                length[0] = context
                 mine = plan[dp_rank::dp_size]
                 bar = tqdm(mine, desc=f"perplexity L={context}", unit="window",
                            disable=not (progress and main), leave=False)
-                shared_pos = None
                 for start, first in bar:
                     window = token_ids[start:start + context].to(device)[None]  # (1, L)
                     labels = window.clone()
                     labels[:, :first] = IGNORE_INDEX  # targets before `first` are not scored
-                    # num_items_in_batch given: shard_batch would otherwise all-reduce over dp,
-                    # a collective that rings with fewer windows would never join.
+                    # The divisor is unused (NLL sums are reduced below); giving it keeps shard_batch from
+                    # asking for a data-parallel count.
                     batch = shard_batch({"input_ids": window, "labels": labels}, groups, num_items_in_batch=1.0)
-                    # Every window of this length has the same positions: passing one tensor object lets
-                    # the ring's document detection (cached per position tensor) skip its all-gather.
-                    if shared_pos is None:
-                        shared_pos = batch["position_ids"]
-                        alive.append(shared_pos)  # no later tensor may reuse its address in this call
-                    batch["position_ids"] = shared_pos
                     nll, count = _window_nll(decoder, lm_head, batch, chunk_size)
                     sums[i, 0] += nll
                     sums[i, 1] += count
     finally:
         model.train(was_training)
-        _clear_document_cache(model)
-    if groups is not None and dist.is_initialized():
-        if groups.ring_size > 1:
-            dist.all_reduce(sums, group=groups.ring_group)
-        if groups.dp_size > 1:
-            dist.all_reduce(sums, group=groups.dp_group)
+    if groups is not None and groups.world_size > 1:
+        dist.all_reduce(sums)  # over every rank: the ring's shards and the data-parallel rings' windows
     results = []
     for context, plan, (nll, tokens) in zip(context_lengths, plans, sums.tolist()):
         tokens = int(round(tokens))

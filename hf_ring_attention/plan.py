@@ -55,19 +55,19 @@ class Task:
         return (cols >= lo[:, None]) & (cols <= hi[:, None])
 
 
-def segments(layout: str, rank: int, world_size: int, local_len: int,
+def segments(layout: str, rank: int, ring_size: int, local_len: int,
              cu_seqlens: tuple[int, ...] | None = None) -> list[Segment]:
     """The global index runs held by ``rank`` for a local shard of ``local_len`` tokens."""
     if layout == "zigzag_docs":
         segs, local = [], 0
         for d, (a, b) in enumerate(zip(cu_seqlens, cu_seqlens[1:])):
-            n = (b - a) // (2 * world_size)
-            segs += [Segment(local, n, a + rank * n, d), Segment(local + n, n, a + (2 * world_size - 1 - rank) * n, d)]
+            n = (b - a) // (2 * ring_size)
+            segs += [Segment(local, n, a + rank * n, d), Segment(local + n, n, a + (2 * ring_size - 1 - rank) * n, d)]
             local += 2 * n
         return segs
     if layout == "zigzag":
         n = local_len // 2
-        return [Segment(0, n, rank * n), Segment(n, n, (2 * world_size - 1 - rank) * n)]
+        return [Segment(0, n, rank * n), Segment(n, n, (2 * ring_size - 1 - rank) * n)]
     if layout == "contiguous":
         return [Segment(0, local_len, rank * local_len)]
     raise ValueError(f"layout={layout!r} is not known; choose one of {LAYOUTS}")
@@ -177,7 +177,7 @@ def _merge_full(tasks: list[Task]) -> list[Task]:
     return tasks
 
 
-def step_tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int,
+def step_tasks(spec: MaskSpec, layout: str, rank: int, source: int, ring_size: int, local_len: int,
                tile_rows: int = TILE_ROWS, split_bands: bool = False) -> list[Task]:
     """The block computations of ``rank`` against the K/V shard of ``source``.
 
@@ -191,9 +191,9 @@ def step_tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: 
     and the extra calls cost about what they save (sliding window N/8 at N=8192: 0.47 vs
     0.46 of causal at ring 2, 0.32 vs 0.37 at ring 4, one run each).
     """
-    total = local_len * world_size
-    q_segs = segments(layout, rank, world_size, local_len, spec.cu_seqlens)
-    k_segs = segments(layout, source, world_size, local_len, spec.cu_seqlens)
+    total = local_len * ring_size
+    q_segs = segments(layout, rank, ring_size, local_len, spec.cu_seqlens)
+    k_segs = segments(layout, source, ring_size, local_len, spec.cu_seqlens)
     tasks: list[Task] = []
     for qs in q_segs:
         pos = torch.arange(qs.global_start, qs.global_start + qs.length)

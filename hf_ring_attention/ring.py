@@ -12,46 +12,82 @@ ring-flash-attention.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from .agreement import agree, dtype_code
 from .comm import RingComm
 from .kernels import Kernel, merge_, select_kernel
-from . import plan as plan_mod
-from .plan import LAYOUTS, MaskSpec, Task, step_tasks
+from .plan import LAYOUTS, TILE_ROWS, MaskSpec, Task, step_tasks
 
 # On CPU, full blocks run their backward in pieces of this many query rows: it bounds the
 # kernel's per-call buffers (interleaved runs measured 2048 and 4096 at the same CPU time).
 # On GPU whole blocks run at once: pieces there only re-read K/V and re-reduce dK/dV.
-BWD_Q_ROWS = 4096
+CPU_BWD_Q_ROWS = 4096
+
+# Pass tags carried by every exchange (see comm.py): tag = 3 * pass id + direction.
+FWD_KV, BWD_KV, BWD_DKV = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class RingOptions:
+    """How the ring loops communicate and tile their work (the seam tests and benchmarks use).
+
+    Attributes:
+        comm: factory ``comm(group, *, timeout, tag)`` of an object with ``send_recv(tensors, *, step)``
+            and ``wait()`` (default ``RingComm``: batched isend/irecv on the group).
+        timeout: per-exchange wait; None: the group's own timeout (``setup_groups`` sets one).
+        bwd_q_rows: query rows per backward call of a full block; None: 4096 on CPU, whole blocks on GPU.
+        tile_rows: query rows per masked tile (bounds the explicit mask at tile_rows x S_k).
+        split_bands: cut masked tiles into causal/full blocks and narrow strips; None: on GPUs only.
+    """
+
+    comm: Callable[..., object] = RingComm
+    timeout: timedelta | None = None
+    bwd_q_rows: int | None = None
+    tile_rows: int = TILE_ROWS
+    split_bands: bool | None = None
+
+
+DEFAULT_OPTIONS = RingOptions()
+
+
+@dataclass(frozen=True, kw_only=True)
 class RingConfig:
+    """Everything one ring pass needs besides the tensors."""
+
     group: dist.ProcessGroup | None
     rank: int
-    world_size: int
+    ring_size: int
     layout: str
     spec: MaskSpec
     scale: float
     kernel: Kernel
+    tag: int = 0  # pass id (e.g. the layer index); exchanges carry 3 * tag + direction
+    options: RingOptions = field(default=DEFAULT_OPTIONS)
+
+    def comm(self, direction: int):
+        return self.options.comm(self.group, timeout=self.options.timeout, tag=3 * self.tag + direction)
 
 
 @lru_cache(maxsize=64)
-def _tasks(spec: MaskSpec, layout: str, rank: int, source: int, world_size: int, local_len: int,
+def _tasks(spec: MaskSpec, layout: str, rank: int, source: int, ring_size: int, local_len: int,
            split_bands: bool, tile_rows: int) -> tuple[Task, ...]:
     # Plans depend only on these; layers of a model reuse them.
-    return tuple(step_tasks(spec, layout, rank, source, world_size, local_len, tile_rows, split_bands))
+    return tuple(step_tasks(spec, layout, rank, source, ring_size, local_len, tile_rows, split_bands))
 
 
 def _plan(cfg: RingConfig, step: int, q: torch.Tensor) -> tuple[Task, ...]:
     """This rank's block tasks at ``step`` (against the shard of rank - step); bands are split on GPUs."""
-    c = cfg.world_size
-    return _tasks(cfg.spec, cfg.layout, cfg.rank, (cfg.rank - step) % c, c, q.shape[2], q.device.type != "cpu",
-                  plan_mod.TILE_ROWS)
+    c, opts = cfg.ring_size, cfg.options
+    split = q.device.type != "cpu" if opts.split_bands is None else opts.split_bands
+    return _tasks(cfg.spec, cfg.layout, cfg.rank, (cfg.rank - step) % c, c, q.shape[2], split, opts.tile_rows)
 
 
 def _rows(t: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -63,11 +99,11 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingCon
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
-    comm = RingComm(cfg.group) if cfg.world_size > 1 else None
-    c = cfg.world_size
+    c = cfg.ring_size
+    comm = cfg.comm(FWD_KV) if c > 1 else None
     for step in range(c):
         if step + 1 < c:
-            nxt = comm.send_recv([k, v])  # overlap: next shard travels while we compute
+            nxt = comm.send_recv([k, v], step=step)  # overlap: next shard travels while we compute
         for t in _plan(cfg, step, q):
             bo, bl = cfg.kernel.forward(_rows(q, t.q), _rows(k, t.k), _rows(v, t.k), scale=cfg.scale,
                                         causal=t.kind == "causal", mask=t.mask(q.device))
@@ -85,14 +121,16 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # rows with no key: p = exp(s - inf) = 0
-    kv_comm = RingComm(cfg.group) if cfg.world_size > 1 else None
-    dkv_comm = RingComm(cfg.group) if cfg.world_size > 1 else None
-    c = cfg.world_size
+    c = cfg.ring_size
+    kv_comm = cfg.comm(BWD_KV) if c > 1 else None
+    dkv_comm = cfg.comm(BWD_DKV) if c > 1 else None
     k_dtype, v_dtype = k.dtype, v.dtype
-    piece_rows = BWD_Q_ROWS if q.device.type == "cpu" else None
+    piece_rows = cfg.options.bwd_q_rows
+    if piece_rows is None:
+        piece_rows = CPU_BWD_Q_ROWS if q.device.type == "cpu" else None
     for step in range(c):
         if step + 1 < c:
-            nxt = kv_comm.send_recv([k, v])
+            nxt = kv_comm.send_recv([k, v], step=step)
         if step > 0:
             dkv_comm.wait()  # the accumulators of the shard we now hold, from rank r-1
             dk, dv = dkv_recv
@@ -109,7 +147,7 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
                 _rows(dv, t.k).add_(bdv)
                 del bdq, bdk, bdv
         if c > 1:
-            dkv_recv = dkv_comm.send_recv([dk, dv])  # on to r+1, who holds this shard next
+            dkv_recv = dkv_comm.send_recv([dk, dv], step=step)  # on to r+1, who holds this shard next
             del dk, dv
         if step + 1 < c:
             kv_comm.wait()
@@ -138,8 +176,14 @@ class _RingAttention(torch.autograd.Function):
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
                    group: dist.ProcessGroup | None = None, causal: bool = True, scale: float | None = None,
                    layout: str = "zigzag", sliding_window: int | None = None,
-                   cu_seqlens: torch.Tensor | list[int] | None = None, kernel: str | None = None) -> torch.Tensor:
+                   cu_seqlens: torch.Tensor | list[int] | None = None, kernel: str | None = None,
+                   options: RingOptions | None = None, tag: int = 0) -> torch.Tensor:
     """Exact attention of this rank's query shard against the whole sharded sequence.
+
+    A collective over ``group``: before any ring communication the ranks agree (one small
+    all-gather) that they hold shards of the same kind (shapes, dtype, layout, window, causal,
+    document bounds) and that each passed its local checks; otherwise every rank raises the
+    same ``RingMismatchError``.
 
     Args:
         query: (B, Hq, S_local, D), this rank's shard in ``layout``.
@@ -154,31 +198,65 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             whole batch): queries attend only within their document.
         kernel: block kernel name ("auto", "cpu_flash", "cuda_cudnn", "cuda_flash", "cuda_efficient",
             "flash_attn", "math").
+        options: communication and tiling (``RingOptions``; default: ``RingComm``, the group's timeout).
+        tag: an int naming this pass (e.g. the layer index): every exchange checks it against the peer's.
 
     Returns:
         (B, Hq, S_local, D) in query's dtype, differentiable in query, key and value.
 
     Raises:
-        ValueError: inconsistent shapes, dtypes or devices, a layout or kernel that does not
-            exist, a zigzag shard of odd length, local lengths that differ across ranks.
+        RingMismatchError (a ValueError), on every rank: inconsistent shapes, dtypes or devices, a
+            layout or kernel that does not exist, a zigzag shard of odd length, bad cu_seqlens, or
+            ranks that disagree on any of these.
+        RingCommError / RingOutOfStepError: a peer failed, stalled or is out of step during the ring.
     """
     if group is None and not (dist.is_available() and dist.is_initialized()):
-        rank, world = 0, 1
+        rank, ring = 0, 1
     else:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        rank, ring = dist.get_rank(group), dist.get_world_size(group)
+    error, cfg = None, None
+    try:
+        cfg = make_config(query, key, value, group=group, rank=rank, ring_size=ring, causal=causal, scale=scale,
+                          layout=layout, sliding_window=sliding_window, cu_seqlens=cu_seqlens, kernel=kernel,
+                          options=options, tag=tag)
+    except Exception as e:  # noqa: BLE001 - becomes this rank's verdict: every rank raises it together
+        if ring == 1:
+            raise
+        error = f"{type(e).__name__}: {e}"
+    if ring > 1:
+        fields = {"shape (B, Hq, S_local, D)": tuple(query.shape), "key/value shape": tuple(key.shape),
+                  "dtype": dtype_code(query.dtype), "layout": layout, "causal": int(bool(causal)),
+                  "sliding_window": -1 if sliding_window is None else int(sliding_window),
+                  "cu_seqlens": None if cfg is None else cfg.spec.cu_seqlens, "tag": int(tag)}
+        agree(fields, error, group=group, device=query.device, what="ring_attention")
+    return _RingAttention.apply(query, key, value, cfg)
+
+
+def make_config(query, key, value, *, group, rank: int, ring_size: int, causal: bool, scale: float | None,
+                layout: str, sliding_window: int | None, cu_seqlens, kernel: str | None,
+                options: RingOptions | None, tag: int) -> RingConfig:
+    """Validate this rank's arguments (no communication) and build the pass's ``RingConfig``.
+
+    Raises:
+        ValueError: anything ``ring_attention`` refuses, naming the value and the fix.
+    """
     _check_local(query, key, value, layout, causal, sliding_window)
-    _check_across_ranks(query, key, group, world)
     b, hq, s_local, d = query.shape
-    cu = _check_cu_seqlens(cu_seqlens, s_local * world)
+    cu = _check_cu_seqlens(cu_seqlens, s_local * ring_size)
     if layout == "zigzag_docs":
-        bad = [b - a for a, b in zip(cu or (), (cu or ())[1:]) if (b - a) % (2 * world)]
+        bad = [b - a for a, b in zip(cu or (), (cu or ())[1:]) if (b - a) % (2 * ring_size)]
         if cu is None or bad:
             raise ValueError(f"layout='zigzag_docs' needs cu_seqlens whose document lengths are multiples of "
-                             f"2 * ring size = {2 * world}; got cu_seqlens={cu}. Pad each document "
+                             f"2 * ring size = {2 * ring_size}; got cu_seqlens={cu}. Pad each document "
                              "(shard_batch does this)")
     spec = MaskSpec(causal=causal, window=None if sliding_window is None else int(sliding_window), cu_seqlens=cu)
-    cfg = RingConfig(group, rank, world, layout, spec, d ** -0.5 if scale is None else float(scale),
-                     select_kernel(query, kernel))
+    return RingConfig(group=group, rank=rank, ring_size=ring_size, layout=layout, spec=spec,
+                      scale=d ** -0.5 if scale is None else float(scale), kernel=select_kernel(query, kernel),
+                      tag=tag, options=DEFAULT_OPTIONS if options is None else options)
+
+
+def run_ring(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cfg: RingConfig) -> torch.Tensor:
+    """The ring pass of ``cfg`` on already-agreed inputs (no validation collective); differentiable."""
     return _RingAttention.apply(query, key, value, cfg)
 
 
@@ -207,23 +285,19 @@ def _check_local(q, k, v, layout, causal, sliding_window) -> None:
         raise ValueError(f"sliding_window={sliding_window} needs causal=True and a value >= 1")
 
 
-def _check_across_ranks(q, k, group, world) -> None:
-    """All ranks must hold shards of one sequence: same shapes everywhere (one tiny all_gather)."""
-    if world == 1:
-        return
-    mine = torch.tensor([*q.shape, k.shape[1]], dtype=torch.int64, device=q.device)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(every, mine, group=group)
-    shapes = [tuple(t.tolist()) for t in every]
-    if len(set(shapes)) != 1:
-        raise ValueError("ranks of the ring hold shards of different shapes (B, Hq, S_local, D, Hkv): "
-                         f"{shapes}; shard one sequence with zigzag_shard / shard_batch on every rank")
-
-
 def _check_cu_seqlens(cu, total: int) -> tuple[int, ...] | None:
     if cu is None:
         return None
-    vals = tuple(int(x) for x in (cu.tolist() if torch.is_tensor(cu) else cu))
+    if torch.is_tensor(cu):
+        if cu.dim() != 1 or cu.is_floating_point() or cu.is_complex():
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor or a list of ints; got a {cu.dim()}-D "
+                             f"{cu.dtype} tensor of shape {tuple(cu.shape)}. Pass one row's boundaries, e.g. "
+                             "torch.tensor([0, 100, 256])")
+        cu = cu.tolist()
+    vals = tuple(cu)
+    if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in vals):
+        raise ValueError(f"cu_seqlens must hold ints (document boundaries); got {vals!r}")
+    vals = tuple(int(x) for x in vals)
     if len(vals) < 2 or vals[0] != 0 or vals[-1] != total or any(b <= a for a, b in zip(vals, vals[1:])):
         raise ValueError(f"cu_seqlens must increase strictly from 0 to the global length {total}; got {vals}")
     return vals

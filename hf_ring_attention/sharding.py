@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 
 
-def zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, world_size: int) -> torch.Tensor:
+def zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, ring_size: int) -> torch.Tensor:
     """This rank's zigzag shard of ``x`` along ``dim``.
 
     Args:
         x: any tensor whose ``dim`` is the full sequence (length N).
         dim: the sequence dimension.
-        rank, world_size: ring rank and ring size C.
+        rank, ring_size: ring rank and ring size C.
 
     Returns:
         A contiguous tensor with N / C along ``dim``: chunks ``rank`` and ``2C-1-rank``.
@@ -25,14 +25,14 @@ def zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, world_size: int) -> to
     Raises:
         ValueError: N is not a multiple of 2C, or rank is outside [0, C).
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if not 0 <= rank < ring_size:
+        raise ValueError(f"rank={rank} must be in [0, ring_size={ring_size})")
     n = x.size(dim)
-    if n % (2 * world_size) != 0:
+    if n % (2 * ring_size) != 0:
         raise ValueError(f"sequence length {n} (dim {dim}) must be a multiple of 2 * ring size = "
-                         f"{2 * world_size}; pad it (shard_batch pads with ignored labels)")
-    chunks = x.chunk(2 * world_size, dim=dim)
-    return torch.cat([chunks[rank], chunks[2 * world_size - 1 - rank]], dim=dim).contiguous()
+                         f"{2 * ring_size}; pad it (shard_batch pads with ignored labels)")
+    chunks = x.chunk(2 * ring_size, dim=dim)
+    return torch.cat([chunks[rank], chunks[2 * ring_size - 1 - rank]], dim=dim).contiguous()
 
 
 def zigzag_unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None = None,
@@ -67,13 +67,25 @@ def zigzag_unshard(x: torch.Tensor, *, dim: int, group: dist.ProcessGroup | None
     return torch.cat(out, dim=dim)
 
 
-def document_zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, world_size: int, cu_seqlens) -> torch.Tensor:
+def shard_index(layout: str, rank: int, ring_size: int, local_len: int, cu_seqlens=None) -> torch.Tensor:
+    """Global token indices (S_local,) held by ``rank`` of a ring in ``layout``.
+
+    ``x_shard = x_full[..., shard_index(...)]`` for ``zigzag_shard`` / ``document_zigzag_shard``
+    ("zigzag" / "zigzag_docs", ``cu_seqlens`` the row's document bounds) and contiguous shards.
+    """
+    from .plan import segments  # the planner's view of a shard is the one source of truth
+
+    segs = segments(layout, rank, ring_size, local_len, None if cu_seqlens is None else tuple(cu_seqlens))
+    return torch.cat([torch.arange(s.global_start, s.global_start + s.length) for s in segs])
+
+
+def document_zigzag_shard(x: torch.Tensor, *, dim: int, rank: int, ring_size: int, cu_seqlens) -> torch.Tensor:
     """Zigzag-shard every document of ``cu_seqlens`` on its own and concatenate the shards.
 
-    Every document's length must be a multiple of 2 * world_size; each rank then does the
+    Every document's length must be a multiple of 2 * ring_size; each rank then does the
     same causal work for every document (layout ``zigzag_docs``).
     """
-    pieces = [zigzag_shard(x.narrow(dim, a, b - a), dim=dim, rank=rank, world_size=world_size)
+    pieces = [zigzag_shard(x.narrow(dim, a, b - a), dim=dim, rank=rank, ring_size=ring_size)
               for a, b in zip(cu_seqlens, cu_seqlens[1:])]
     return torch.cat(pieces, dim=dim)
 
@@ -103,30 +115,55 @@ def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.T
                 pad_token_id: int = 0, balance_documents: bool = True) -> dict:
     """Shift labels on the full sequences, pad to a multiple of 2 * ring_size, zigzag-shard.
 
+    No communication: every rank of a ring calls it on the same full batch and keeps its shard.
+
     Args:
         batch: full sequences of this ring: ``input_ids`` (B, N), optional ``labels`` (B, N)
             (transformers convention: unshifted, -100 ignored), ``position_ids`` (B or 1, N;
             default 0..N-1; restarts mark packed documents) and ``attention_mask`` (all ones, or
             right padding, which becomes ignored labels).
         groups: a ``RingGroups`` (default: one process, no sharding).
-        num_items_in_batch: the loss divisor. Default: valid targets of the whole global
-            batch (summed over data-parallel rings) / (dp_size * ring_size), so that DDP's
-            gradient average over all ranks equals the single-device update on the global batch.
-            Pass your own (e.g. counted over a gradient-accumulation window, the same way).
+        num_items_in_batch: the loss divisor. Default (only when ``groups.dp_size == 1``): this
+            ring's valid targets / sp_size, so that DDP's gradient average over the ring's ranks
+            equals the single-device update on the batch. With several data-parallel rings the
+            count must span them all: use ``hf_ring_attention.shard_window(batches, groups)`` (one
+            all-reduce for a whole accumulation window) or pass your own count the same way.
         pad_token_id: token id used for the padding (its labels are ignored).
         balance_documents: for packed rows (position_ids restart) on a ring, pad every document
             to a multiple of 2 * ring_size and zigzag-shard each document on its own, so all
-            ranks do the same work whatever the document lengths. The boundaries travel to the
-            attention function as ``ring_documents``.
+            ranks do the same work whatever the document lengths (layout ``zigzag_docs``).
 
     Returns:
         A dict for ``model(**batch)``: ``input_ids``, ``position_ids`` (global positions of this
-        rank's tokens, for RoPE) and, with labels, ``labels`` and ``shift_labels`` (the shifted,
-        sharded targets) and ``num_items_in_batch``; for balanced packed rows also
-        ``ring_documents`` (per row, the padded global document boundaries).
+        rank's tokens, for RoPE; padding repeats the last real position, so the largest position is
+        a real one), ``ring_layout`` (``"zigzag"`` or ``"zigzag_docs"``), ``ring_documents`` (per row,
+        the global document boundaries of the padded row, ``(0, ..., N_padded)``) and, with labels,
+        ``labels`` and ``shift_labels`` (the shifted, sharded targets) and ``num_items_in_batch``.
 
     Raises:
-        ValueError: unknown keys, left padding, or shapes that do not match.
+        ValueError: unknown keys, left padding, shapes that do not match, or no divisor with dp_size > 1.
+    """
+    ids, pos, target = full_targets(batch)
+    out = shard_sequences(ids, pos, target, groups, pad_token_id=pad_token_id, balance_documents=balance_documents)
+    if target is not None:
+        if num_items_in_batch is None:
+            dp = 1 if groups is None else groups.dp_size
+            if dp > 1:
+                raise ValueError(f"with dp_size={dp} data-parallel rings the loss divisor counts the targets of "
+                                 "every ring: use hf_ring_attention.shard_window([batch, ...], groups) (one "
+                                 "all-reduce per accumulation window), or pass num_items_in_batch = (valid targets "
+                                 "over all rings) / world_size")
+            sp = 1 if groups is None else groups.sp_size
+            num_items_in_batch = torch.clamp((target != IGNORE_INDEX).sum().to(torch.float64), min=1.0) / sp
+        out["num_items_in_batch"] = num_items_in_batch
+    return out
+
+
+def full_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Validate a full batch; return ids (B, N), position ids (B or 1, N) and shifted targets (B, N) or None.
+
+    Raises:
+        ValueError: unknown keys, left or inner padding, shapes that do not match.
     """
     unknown = set(batch) - set(_SEQUENCE_KEYS)
     if unknown:
@@ -134,10 +171,10 @@ def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.T
     ids = batch["input_ids"]
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(ids.shape)}")
-    b, n = ids.shape
+    n = ids.shape[1]
     pos = batch.get("position_ids")
     pos = torch.arange(n, device=ids.device).unsqueeze(0) if pos is None else pos
-    if pos.dim() != 2 or pos.shape[-1] != n:
+    if pos.dim() != 2 or pos.shape[-1] != n or pos.shape[0] not in (1, ids.shape[0]):
         raise ValueError(f"position_ids must be (batch or 1, {n}); got {tuple(pos.shape)}")
     labels = batch.get("labels")
     target = None
@@ -154,41 +191,41 @@ def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.T
         if target is not None:  # right padding: pads are never attended by real tokens (causal)
             target = target.masked_fill(~valid, IGNORE_INDEX)
             target[:, :-1] = target[:, :-1].masked_fill(~valid[:, 1:], IGNORE_INDEX)
+    return ids, pos, target
 
-    ring = 1 if groups is None else groups.ring_size
-    rank = 0 if groups is None else groups.ring_rank
+
+def shard_sequences(ids: torch.Tensor, pos: torch.Tensor, target: torch.Tensor | None, groups=None, *,
+                    pad_token_id: int = 0, balance_documents: bool = True) -> dict:
+    """Pad and zigzag-shard full rows: ids (B, N), positions (B or 1, N), shifted targets (B, N) or None.
+
+    What ``shard_batch`` returns, without ``num_items_in_batch`` (no communication).
+    """
+    b, n = ids.shape
+    ring = 1 if groups is None else groups.sp_size
+    rank = 0 if groups is None else groups.sp_rank
     pos = pos.expand(b, -1)
     if balance_documents and ring > 1 and bool((torch.diff(pos, dim=-1) != 1).any()):
-        return _shard_documents(ids, pos, target, groups, num_items_in_batch, pad_token_id)
+        return _shard_documents(ids, pos, target, ring, rank, pad_token_id)
+    bounds = [_row_documents(p) for p in pos]  # before padding: the padding joins the last document
     pad = (-n) % (2 * ring)
     if pad:  # padding goes at the end: causal attention keeps real tokens from seeing it
         ids = torch.nn.functional.pad(ids, (0, pad), value=pad_token_id)
-        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, pad + 1, device=pos.device)], dim=1)
+        pos = torch.cat([pos, pos[:, -1:].expand(-1, pad)], dim=1)  # repeats the last position
         if target is not None:
             target = torch.nn.functional.pad(target, (0, pad), value=IGNORE_INDEX)
-
-    out = {"input_ids": zigzag_shard(ids, dim=1, rank=rank, world_size=ring),
-           "position_ids": zigzag_shard(pos, dim=1, rank=rank, world_size=ring)}
+    out = {"input_ids": zigzag_shard(ids, dim=1, rank=rank, ring_size=ring),
+           "position_ids": zigzag_shard(pos, dim=1, rank=rank, ring_size=ring),
+           "ring_layout": "zigzag", "ring_documents": tuple((*cu[:-1], n + pad) for cu in bounds)}
     if target is not None:
-        if num_items_in_batch is None:
-            num_items_in_batch = global_loss_tokens(target, groups)
-        local = zigzag_shard(target, dim=1, rank=rank, world_size=ring)
-        out.update(labels=local, shift_labels=local, num_items_in_batch=num_items_in_batch)
+        local = zigzag_shard(target, dim=1, rank=rank, ring_size=ring)
+        out.update(labels=local, shift_labels=local)
     return out
 
 
-def global_loss_tokens(targets: torch.Tensor, groups=None) -> torch.Tensor:
-    """Loss divisor for shifted ``targets`` of this ring's full batch (see ``shard_batch``).
-
-    Returns (valid targets summed over the data-parallel rings) / (dp_size * ring_size),
-    at least 1e-9 times that so an all-ignored batch gives loss 0 instead of NaN.
-    """
-    count = (targets != IGNORE_INDEX).sum().to(torch.float64)
-    if groups is not None and groups.dp_size > 1:
-        count = count.to(targets.device)
-        dist.all_reduce(count, group=groups.dp_group)
-    world = 1 if groups is None else groups.world_size
-    return torch.clamp(count, min=1.0) / world
+def _row_documents(pos: torch.Tensor) -> tuple[int, ...]:
+    """Global document boundaries (0, ..., N) of one row from its position ids (N,)."""
+    cut = (torch.nonzero(torch.diff(pos) != 1).flatten() + 1).tolist()
+    return (0, *cut, pos.shape[-1])
 
 
 def _pad_documents(ids, pos, target, multiple: int, pad_token_id: int):
@@ -200,13 +237,13 @@ def _pad_documents(ids, pos, target, multiple: int, pad_token_id: int):
     """
     rows, bounds = [], []
     for r in range(ids.shape[0]):
-        cut = [0, *(torch.nonzero(torch.diff(pos[r]) != 1).flatten() + 1).tolist(), ids.shape[1]]
+        cut = _row_documents(pos[r])
         pieces, cu = [], [0]
         for a, b in zip(cut, cut[1:]):
             extra = (-(b - a)) % multiple
             p = pos[r, a:b]
             pieces.append((torch.nn.functional.pad(ids[r, a:b], (0, extra), value=pad_token_id),
-                           torch.cat([p, p[-1] + torch.arange(1, extra + 1, device=p.device)]),
+                           torch.cat([p, p[-1:].expand(extra)]),  # padding repeats the last position
                            None if target is None else torch.nn.functional.pad(target[r, a:b], (0, extra),
                                                                                 value=IGNORE_INDEX)))
             cu.append(cu[-1] + b - a + extra)
@@ -219,7 +256,7 @@ def _pad_documents(ids, pos, target, multiple: int, pad_token_id: int):
         if tail:  # a padding document of its own, so rows line up
             dev = ids.device
             pieces.append((torch.full((tail,), pad_token_id, dtype=ids.dtype, device=dev),
-                           torch.arange(tail, device=dev),
+                           torch.zeros(tail, dtype=pos.dtype, device=dev),
                            None if target is None else torch.full((tail,), IGNORE_INDEX, dtype=target.dtype,
                                                                   device=dev)))
             cu.append(longest)
@@ -231,18 +268,16 @@ def _pad_documents(ids, pos, target, multiple: int, pad_token_id: int):
             [tuple(cu) for cu in bounds])
 
 
-def _shard_documents(ids, pos, target, groups, num_items_in_batch, pad_token_id) -> dict:
-    ring, rank = groups.ring_size, groups.ring_rank
+def _shard_documents(ids, pos, target, ring: int, rank: int, pad_token_id) -> dict:
     ids, pos, target, bounds = _pad_documents(ids, pos, target, 2 * ring, pad_token_id)
 
     def shard(x):
-        return torch.stack([document_zigzag_shard(x[r], dim=0, rank=rank, world_size=ring, cu_seqlens=cu)
+        return torch.stack([document_zigzag_shard(x[r], dim=0, rank=rank, ring_size=ring, cu_seqlens=cu)
                             for r, cu in enumerate(bounds)])
 
-    out = {"input_ids": shard(ids), "position_ids": shard(pos), "ring_documents": tuple(bounds)}
+    out = {"input_ids": shard(ids), "position_ids": shard(pos), "ring_layout": "zigzag_docs",
+           "ring_documents": tuple(bounds)}
     if target is not None:
-        if num_items_in_batch is None:
-            num_items_in_batch = global_loss_tokens(target, groups)
         local = shard(target)
-        out.update(labels=local, shift_labels=local, num_items_in_batch=num_items_in_batch)
+        out.update(labels=local, shift_labels=local)
     return out

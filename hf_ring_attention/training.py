@@ -24,12 +24,14 @@ Example (inside ``accelerate launch``)::
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from .sharding import IGNORE_INDEX, shard_batch
+from .groups import default_timeout
+from .sharding import IGNORE_INDEX, full_targets, shard_sequences
 
 
 def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, *, eos_id: int | None = None,
@@ -136,37 +138,36 @@ def batch_stream(dataloader, *, start: int = 0) -> Iterator[dict]:
         epoch, skip = epoch + 1, 0
 
 
-def _all_reduce_sum(x: torch.Tensor, groups) -> torch.Tensor:
-    """Sum over every rank of ``groups`` (its ring, then the data-parallel group)."""
-    if groups is None or not dist.is_initialized():
-        return x
-    for group, size in ((groups.ring_group, groups.ring_size), (groups.dp_group, groups.dp_size)):
-        if size > 1:
-            dist.all_reduce(x, group=group)
+def _world_sum(x: torch.Tensor, groups) -> torch.Tensor:
+    """Sum over every rank of the job (the rings' shards and the data-parallel rings): one all-reduce."""
+    if groups is not None and groups.world_size > 1:
+        dist.all_reduce(x)
     return x
 
 
 def count_loss_tokens(shards: Iterable[dict], groups=None) -> torch.Tensor:
     """Valid targets (labels != -100) of the global batch, from every rank's sharded micro-batches.
 
-    The shards of one ring partition its sequences, so the sum over all W ranks of their local
-    counts is the count over all rings' full sequences (after the label shift, document
-    boundaries and padding of ``shard_batch``).
+    A collective (one all-reduce over every rank). The shards of one ring partition its sequences,
+    so the sum over all W ranks of their local counts is the count over all rings' full sequences
+    (after the label shift, document boundaries and padding of ``shard_batch``).
 
     Returns:
         A float64 scalar tensor on the labels' device, the same on every rank.
     """
     local = torch.stack([(s["labels"] != IGNORE_INDEX).sum() for s in shards]).sum()
-    return _all_reduce_sum(local.to(torch.float64), groups)
+    return _world_sum(local.to(torch.float64), groups)
 
 
 def shard_window(micro_batches: Sequence[dict], groups=None, *, pad_token_id: int = 0) -> list[dict]:
     """``shard_batch`` every micro-batch of one accumulation window with one shared loss divisor.
 
-    ``num_items_in_batch`` = (valid targets of the whole window over all rings) / W. Each rank's
-    loss is then (sum of its token losses) / that, summing over the window's micro-batches and
-    averaging over W ranks (what DDP/FSDP do) gives sum(token losses) / count: the exact
-    mean over the global batch, whatever the ring size, dp size or number of micro-batches.
+    A collective: the window's divisor is ONE all-reduce over every rank, in sight here
+    (``shard_batch`` itself communicates nothing). ``num_items_in_batch`` = (valid targets of the
+    whole window over all rings) / W. Each rank's loss is then (sum of its token losses) / that;
+    summing over the window's micro-batches and averaging over W ranks (what DDP/FSDP do) gives
+    sum(token losses) / count: the exact mean over the global batch, whatever the ring size, dp
+    size or number of micro-batches.
 
     Args:
         micro_batches: this ring's full-sequence batches (``input_ids``, ``labels``,
@@ -177,8 +178,7 @@ def shard_window(micro_batches: Sequence[dict], groups=None, *, pad_token_id: in
     Returns:
         The sharded micro-batches, ready for ``model(**shard)``.
     """
-    one = torch.ones((), dtype=torch.float64)  # placeholder: skips shard_batch's own all-reduce
-    shards = [shard_batch(b, groups, num_items_in_batch=one, pad_token_id=pad_token_id) for b in micro_batches]
+    shards = [shard_sequences(*full_targets(b), groups, pad_token_id=pad_token_id) for b in micro_batches]
     world = 1 if groups is None else groups.world_size
     divisor = torch.clamp(count_loss_tokens(shards, groups), min=1.0) / world
     for s in shards:
@@ -190,15 +190,16 @@ def reduce_loss_for_logging(loss: torch.Tensor | float, groups=None) -> float:
     """The global mean token loss from this rank's (summed over the window) scaled losses.
 
     Each rank's loss is already divided by (global count / W) (see :func:`shard_window`), so
-    the global mean is the sum over the W ranks / W. A collective: call it on every rank, with
-    a tensor on the device the backend needs (CUDA for NCCL).
+    the global mean is the sum over the W ranks / W. A collective (one all-reduce over every rank):
+    call it on every rank, with a tensor on the device the backend needs (CUDA for NCCL).
     """
     x = torch.as_tensor(loss).detach().to(torch.float64).clone()
     world = 1 if groups is None else groups.world_size
-    return _all_reduce_sum(x, groups).item() / world
+    return _world_sum(x, groups).item() / world
 
 
-def make_accelerator(*, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None, **kwargs):
+def make_accelerator(*, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
+                     timeout: timedelta | None = None, **kwargs):
     """An ``Accelerator`` set up the way :func:`training_step` relies on.
 
     * ``cpu=True`` when no GPU is visible: accelerate's launcher starts several local processes
@@ -211,15 +212,19 @@ def make_accelerator(*, gradient_accumulation_steps: int = 1, mixed_precision: s
     Args:
         gradient_accumulation_steps: micro-batches per optimizer step.
         mixed_precision: ``"no"`` / ``"bf16"`` (None: from ``accelerate launch``'s config).
+        timeout: the process group's collective timeout (default ``$HF_RING_TIMEOUT`` or 10 min).
         **kwargs: passed to ``Accelerator``.
     """
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 
     plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation_steps, sync_with_dataloader=False)
     kwargs.setdefault("cpu", not torch.cuda.is_available())
+    handlers = list(kwargs.pop("kwargs_handlers", None) or [])
+    if not any(isinstance(h, InitProcessGroupKwargs) for h in handlers):
+        handlers.append(InitProcessGroupKwargs(timeout=timeout or default_timeout()))
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin,
-                              step_scheduler_with_optimizer=False, **kwargs)
+                              step_scheduler_with_optimizer=False, kwargs_handlers=handlers, **kwargs)
     if dist.is_initialized() and accelerator.num_processes != dist.get_world_size():
         # e.g. PartialState() first created without cpu=True on a CPU-only torchrun launch: it
         # initialises torch.distributed yet reports one process, and prepare() would skip DDP.

@@ -16,7 +16,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -c "from hf_ring_attention.demo import demo_model_dir; print('demo model:', demo_model_dir())"
 
 LAUNCH="accelerate launch --config_file configs/accelerate/cpu_2proc.yaml"
-$LAUNCH examples/finetune_long_context.py --config configs/train/demo_smollm2_4k.yaml
+$LAUNCH examples/finetune_long_context.py --config configs/train/demo_smollm2_4k.yaml \
+    --overwrite-output-dir true                                # a rerun replaces the last one
 
 OUT=outputs/quickstart_ppl
 rm -rf "$OUT"

@@ -6,12 +6,14 @@ import torch
 
 
 def tiny_model(family: str = "llama", *, seed: int = 0, sliding_window: int | None = 12, layers: int = 2,
-               dtype=torch.float32):
+               dtype=torch.float32, **config):
+    """A tiny random model; ``config``: extra config values (e.g. rope_parameters, tie_word_embeddings)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   attention_dropout=0.0, tie_word_embeddings=False)
+    common.update(config)
     torch.manual_seed(seed)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation="sdpa"))

@@ -40,7 +40,7 @@ def _case(rank, world, kernel, window, docs, device, dtype=torch.bfloat16):
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(*full, window=window, cu_seqlens=cu)
     ref.backward(do)
-    sh = lambda x: hra.zigzag_shard(x, dim=2, rank=rank, world_size=world)  # noqa: E731
+    sh = lambda x: hra.zigzag_shard(x, dim=2, rank=rank, ring_size=world)  # noqa: E731
     loc = [sh(t).to(device, dtype).requires_grad_() for t in (q, k, v)]
     out = hra.ring_attention(*loc, sliding_window=window, cu_seqlens=cu, kernel=kernel)
     out.backward(sh(do).to(device, dtype))

@@ -2,18 +2,24 @@
 
 A tiny Llama and a word-level tokenizer are built in code and saved to a temporary folder
 (no downloads); the corpus is a local jsonl file. One run of 4 steps (accumulation 2, rows of
-30 tokens: not a multiple of 2 * ring, so shard_batch pads) checkpoints at steps 2 and 4; a
-second run resumes from checkpoint-2. Checks: finite losses, checkpoints that plain
-transformers loads (in a process that never imports hf_ring_attention), and a resumed run
-whose step-4 weights and losses equal the uninterrupted run's (same CPU ops in the same
-order, same data order and RNG state: bitwise equal expected; tolerance 1e-6 for safety).
+30 tokens: not a multiple of 2 * ring, so shard_batch pads) checkpoints at steps 2 and 4 (the
+module fixture; the tests below work on copies of it). Checks: finite losses, checkpoints that
+plain transformers loads (in a process that never imports hf_ring_attention), and a run resumed
+from checkpoint-2 into the same folder whose step-4 weights and losses equal the uninterrupted
+run's (same CPU ops in the same order, same data order and RNG state: bitwise equal expected;
+tolerance 1e-6 for safety). Run-folder hygiene: a rerun into a non-empty output_dir fails on
+both ranks before any work, ``--overwrite-output-dir true`` starts a clean history, and an
+incomplete checkpoint is refused by name (checked in-process: the check reads only files).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 
@@ -58,13 +64,14 @@ def assets(tmp_path_factory):
     return root
 
 
-def _launch(root, *extra):
+def _launch(root, *extra, expect_ok=True):
     env = dict(os.environ, HF_DATASETS_CACHE=str(root / "datasets_cache"), HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG,
            "--main_process_port", str(free_port()), SCRIPT, "--config", str(root / "train.yaml"), *extra]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if expect_ok:
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
@@ -79,22 +86,39 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def test_finetune_checkpoint_and_resume(assets):
-    run, resumed = assets / "run", assets / "resumed"
+def _example():
+    """The example as a module (its checks read only files: no launcher needed)."""
+    spec = importlib.util.spec_from_file_location("finetune_long_context", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the string annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(assets):
+    """The uninterrupted run: 4 steps, checkpoint-2 and checkpoint-4 (read-only for the tests)."""
+    run = assets / "run"
     proc = _launch(assets, "--output-dir", str(run))
     assert "world 2 = dp 1 x ring 2" in proc.stdout + proc.stderr
-    metrics = _metrics(run)
+    return run
+
+
+def test_finetune_checkpoints(assets, trained):
+    metrics = _metrics(trained)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics), metrics
     for step in (2, 4):
-        ckpt = run / f"checkpoint-{step}"
+        ckpt = trained / f"checkpoint-{step}"
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "training_state").is_dir()
         assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
-    assert not (run / "checkpoint-4" / "training_state" / "model.safetensors").exists()  # no second weight copy
+        assert (ckpt / "training_state" / "random_states_1.pkl").is_file()  # rank 1 wrote into the same folder
+    assert not (trained / "checkpoint-4" / "training_state" / "model.safetensors").exists()  # no second weight copy
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]  # no .tmp
 
     # Plain transformers, without this package: the saved config is the unpatched model's.
     check = ("import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
-             f"d = {str(run / 'checkpoint-4')!r}; m = AutoModelForCausalLM.from_pretrained(d); "
+             f"d = {str(trained / 'checkpoint-4')!r}; m = AutoModelForCausalLM.from_pretrained(d); "
              "t = AutoTokenizer.from_pretrained(d); ids = t(['w5 w6 w7 w8'], return_tensors='pt').input_ids; "
              "loss = m(input_ids=ids, labels=ids).loss; "
              "assert 'hf_ring_attention' not in sys.modules and m.config.use_cache, m.config; "
@@ -102,13 +126,77 @@ def test_finetune_checkpoint_and_resume(assets):
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=assets)
     assert out.returncode == 0, out.stderr[-3000:]
     assert torch.isfinite(torch.tensor(float(out.stdout.split()[-1])))
-    initial, trained = _weights(assets / "tiny"), _weights(run / "checkpoint-4")
-    assert any(not torch.equal(initial[k], trained[k]) for k in initial), "training did not change the weights"
+    initial, final = _weights(assets / "tiny"), _weights(trained / "checkpoint-4")
+    assert any(not torch.equal(initial[k], final[k]) for k in initial), "training did not change the weights"
 
-    _launch(assets, "--output-dir", str(resumed), "--resume-from", str(run / "checkpoint-2"))
-    assert [m["step"] for m in _metrics(resumed)] == [3, 4]
-    for a, b in zip(metrics[2:], _metrics(resumed)):
+
+def test_resume_equals_uninterrupted_run(assets, trained):
+    # Resume into (a copy of) the same folder: metrics after step 2 are dropped and rewritten,
+    # checkpoint-4 is replaced, and the leftover of an interrupted save is cleared.
+    resumed = assets / "resumed"
+    shutil.copytree(trained, resumed)
+    (resumed / "checkpoint-3.tmp-crashed" / "training_state").mkdir(parents=True)
+    proc = _launch(assets, "--output-dir", str(resumed), "--resume-from", str(resumed / "checkpoint-2"))
+    assert "steps 2 -> 4" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in resumed.iterdir()) == ["checkpoint-2", "checkpoint-4", "metrics.jsonl"]
+    metrics, again = _metrics(trained), _metrics(resumed)
+    assert [m["step"] for m in again] == [1, 2, 3, 4]
+    for a, b in zip(metrics, again):
         assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a, b)
-    again = _weights(resumed / "checkpoint-4")
-    for name, w in trained.items():
-        torch.testing.assert_close(again[name], w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    final, resumed_final = _weights(trained / "checkpoint-4"), _weights(resumed / "checkpoint-4")
+    for name, w in final.items():
+        torch.testing.assert_close(resumed_final[name], w, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_non_empty_output_dir_is_refused(assets, trained):
+    before = sorted(p.name for p in trained.iterdir())
+    proc = _launch(assets, "--output-dir", str(trained), expect_ok=False)  # returns: both ranks exited
+    assert proc.returncode != 0
+    assert f"output_dir {trained} is not empty" in proc.stderr, proc.stderr[-3000:]
+    assert "--overwrite-output-dir true" in proc.stderr and "--resume-from" in proc.stderr
+    assert "world 2" not in proc.stdout + proc.stderr  # refused before the model was loaded
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_overwrite_output_dir(assets, trained):
+    over = assets / "overwritten"
+    shutil.copytree(trained, over)
+    _launch(assets, "--output-dir", str(over), "--overwrite-output-dir", "true", "--max-steps", "2")
+    # Only the new run: its 2 steps (equal to the first run's first 2: same seed, data and
+    # weights; the schedules agree up to there), its checkpoint-2, the old checkpoint-4 gone.
+    metrics = _metrics(over)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for a, b in zip(_metrics(trained), metrics):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (a, b)
+    assert sorted(p.name for p in over.iterdir()) == ["checkpoint-2", "metrics.jsonl"]
+
+
+def test_incomplete_checkpoint_is_refused(assets, trained, tmp_path):
+    example = _example()
+
+    def refused(path, *expected):
+        config = example.TrainConfig(output_dir=str(tmp_path / "out"), resume_from=str(path))
+        with pytest.raises(ValueError, match=re.escape(f"incomplete checkpoint {path}")) as err:
+            example.check_run_dirs(config)
+        for text in expected:
+            assert text in str(err.value), str(err.value)
+
+    example.check_run_dirs(example.TrainConfig(output_dir=str(tmp_path / "out"),
+                                               resume_from=str(trained / "checkpoint-2")))  # complete: accepted
+    broken = tmp_path / "checkpoint-2"
+    shutil.copytree(trained / "checkpoint-2", broken)
+    (broken / "trainer_state.json").unlink()
+    (broken / "model.safetensors").unlink()
+    refused(broken, "trainer_state.json", "model weights")
+    leftover = tmp_path / "checkpoint-2.tmp-20261203-1"  # an unfinished save, otherwise complete
+    shutil.copytree(trained / "checkpoint-2", leftover)
+    refused(leftover, "*.tmp-*")
+    shutil.rmtree(leftover / "training_state")
+    refused(leftover, "training_state/")
+    rng = tmp_path / "rng" / "checkpoint-2"
+    shutil.copytree(trained / "checkpoint-2", rng)
+    (rng / "training_state" / "random_states_1.pkl").unlink()  # accelerate would skip it silently
+    refused(rng, "random_states_1.pkl")
+    with pytest.raises(ValueError, match="overwrite_output_dir=true would delete"):
+        example.check_run_dirs(example.TrainConfig(output_dir=str(trained), overwrite_output_dir=True,
+                                                   resume_from=str(trained / "checkpoint-2")))

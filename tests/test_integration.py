@@ -28,27 +28,28 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+class _CountingComm(hra.comm.RingComm):
+    """RingComm that records the pass tag of every ring pass it serves (3 * layer + direction)."""
+
+    tags: list[int] = []
+
+    def __init__(self, group, *, timeout=None, tag=0):
+        super().__init__(group, timeout=timeout, tag=tag)
+        _CountingComm.tags.append(tag)
+
+
 def _ring_step(model, ids, groups, world, ckpt):
-    calls = {"n": 0}
-    real = hra.ring.ring_forward
-
-    def counting(*args, **kw):
-        calls["n"] += 1
-        return real(*args, **kw)
-
-    hra.ring.ring_forward = counting
-    try:
-        hra.apply_ring_attention(model, groups)
-        hra.apply_ring_attention(model, groups)  # idempotent
-        if ckpt:
-            model.gradient_checkpointing_enable()
-        out = model(**hra.shard_batch({"input_ids": ids, "labels": ids}, groups))
-        out.loss.backward()
-    finally:
-        hra.ring.ring_forward = real
+    _CountingComm.tags = []
+    hra.apply_ring_attention(model, groups, options=hra.RingOptions(comm=_CountingComm))
+    hra.apply_ring_attention(model, groups, options=hra.RingOptions(comm=_CountingComm))  # idempotent
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    out = model(**hra.shard_batch({"input_ids": ids, "labels": ids}, groups))
+    out.loss.backward()
+    forward_passes = [t // 3 for t in _CountingComm.tags if t % 3 == hra.ring.FWD_KV]
     layers = model.config.num_hidden_layers
     # With checkpointing the backward recomputes every layer's forward, ring included.
-    assert calls["n"] == layers * (2 if ckpt else 1), calls
+    assert sorted(forward_passes) == sorted(list(range(layers)) * (2 if ckpt else 1)), forward_passes
     loss = out.loss.detach().clone()
     dist.all_reduce(loss, group=groups.ring_group)
     grads = []
@@ -100,6 +101,39 @@ def test_patched_model_bf16_within_twice_unpatched_bf16(family):
             assert e <= 2 * b + 1e-3, f"checkpointing={ckpt} {name}: ring bf16 {e:.3g} vs unpatched bf16 {b:.3g}"
 
 
+ROPES = {  # max_position_embeddings 16 < every length below, so the scaled frequencies are in use
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.5 + i for i in range(8)],
+                 "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+}
+
+
+def _dynamic_rope(rank, world):
+    """Dynamic / longrope RoPE pick frequencies from max(position_ids) + 1: the ring must see the whole
+    sequence's largest position (not its shard's, nor the padding's), with and without gradients."""
+    groups = hra.setup_groups(world)
+    ids = token_batch(2 * world * 6 - 1, batch=1)  # padded to a multiple of 2 * ring
+    errs = {}
+    for name, rope in ROPES.items():
+        make = lambda: tiny_model("llama", rope_parameters=rope, max_position_embeddings=16)  # noqa: E731
+        for grad in (False, True):
+            ref = make()  # fresh models: dynamic RoPE keeps the longest length it has seen
+            with torch.set_grad_enabled(grad):
+                want = ref(input_ids=ids, use_cache=False).logits
+                model = hra.apply_ring_attention(make(), groups)
+                got = model(**hra.shard_batch({"input_ids": ids}, groups)).logits
+            got = hra.zigzag_unshard(got.detach(), dim=1, group=groups.ring_group)[:, :ids.shape[1]]
+            errs[(name, grad)] = _rel(got, want.detach())
+    return errs
+
+
+def test_dynamic_and_longrope_rope_exact_with_and_without_gradients():
+    # fp32 on both sides, different summation orders (measured ~1e-7); RoPE from a shard's own
+    # largest position moves logits by >1e-2.
+    for rank_errs in run_ranks(_dynamic_rope, 2):
+        assert max(rank_errs.values()) < 2e-5, rank_errs
+
+
 def test_remove_restores_and_generate_works():
     model = tiny_model("mistral").eval()
     ids = token_batch(16, batch=1)
@@ -146,7 +180,8 @@ def test_shard_batch_pads_and_shifts():
     b = hra.shard_batch({"input_ids": ids, "labels": ids})
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 0]]
     assert b["labels"].tolist() == [[2, 3, 4, 5, 6, 7, -100, -100]]
-    assert b["position_ids"].tolist() == [list(range(8))]
+    assert b["position_ids"].tolist() == [list(range(7)) + [6]]  # padding repeats the last real position
+    assert b["ring_layout"] == "zigzag" and b["ring_documents"] == ((0, 8),)
     assert float(b["num_items_in_batch"]) == 6
     with pytest.raises(ValueError, match="left or inner padding"):
         hra.shard_batch({"input_ids": ids, "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1]])})

@@ -46,13 +46,13 @@ def _docs_balanced(n, world):
 
 def _shard(x, layout, rank, world, cu=None):
     if layout == "zigzag_docs":
-        return hra.sharding.document_zigzag_shard(x, dim=2, rank=rank, world_size=world, cu_seqlens=cu)
+        return hra.sharding.document_zigzag_shard(x, dim=2, rank=rank, ring_size=world, cu_seqlens=cu)
     if layout == "zigzag":
-        return hra.zigzag_shard(x, dim=2, rank=rank, world_size=world)
+        return hra.zigzag_shard(x, dim=2, rank=rank, ring_size=world)
     return x.chunk(world, dim=2)[rank].contiguous()
 
 
-def _errors(rank, world, case, dtype, kernel, chunk):
+def _errors(rank, world, case, dtype, kernel, chunk, options=None):
     b, hq, hkv, d, layout, causal, window, docs = case
     n = 2 * world * chunk
     cu = (_docs_balanced(n, world) if layout == "zigzag_docs" else _docs(n)) if docs else None
@@ -66,7 +66,7 @@ def _errors(rank, world, case, dtype, kernel, chunk):
 
     local = [_shard(t, layout, rank, world, cu).to(dtype).requires_grad_() for t in (q, k, v)]
     out = hra.ring_attention(*local, causal=causal, layout=layout, sliding_window=window, cu_seqlens=cu,
-                             kernel=kernel)
+                             kernel=kernel, options=options)
     assert out.dtype == dtype and out.shape == local[0].shape
     out.backward(_shard(dout, layout, rank, world, cu).to(dtype))
     got = [out.detach()] + [t.grad for t in local]
@@ -84,11 +84,11 @@ def _errors(rank, world, case, dtype, kernel, chunk):
 
 
 def _check_all(rank, world, dtype, kernel, chunk, bwd_rows=None):
-    if bwd_rows is not None:  # exercise the backward's split of full blocks into row pieces
-        hra.ring.BWD_Q_ROWS = bwd_rows
+    # bwd_rows: exercise the backward's split of full blocks into row pieces
+    options = None if bwd_rows is None else hra.RingOptions(bwd_q_rows=bwd_rows)
     report = []
     for case in CASES:
-        errs, base = _errors(rank, world, case, dtype, kernel, chunk)
+        errs, base = _errors(rank, world, case, dtype, kernel, chunk, options)
         report.append((case, errs, base))
     return report
 
@@ -137,7 +137,7 @@ def _different_lengths(rank, world):
 
 
 def test_local_lengths_that_differ_across_ranks_raise():
-    with pytest.raises(AssertionError, match="different shapes"):
+    with pytest.raises(AssertionError, match="disagree on shape"):
         run_ranks(_different_lengths, 2, timeout=120)
 
 
@@ -163,9 +163,9 @@ def test_mixed_dtypes_raise():
 
 def _roundtrip(rank, world):
     x = torch.arange(2 * 3 * world * 4).view(2, 3, 2 * world * 2)
-    y = hra.zigzag_unshard(hra.zigzag_shard(x, dim=2, rank=rank, world_size=world), dim=2)
+    y = hra.zigzag_unshard(hra.zigzag_shard(x, dim=2, rank=rank, ring_size=world), dim=2)
     assert torch.equal(x, y)
-    return hra.zigzag_shard(x, dim=2, rank=rank, world_size=world)[0, 0].tolist()
+    return hra.zigzag_shard(x, dim=2, rank=rank, ring_size=world)[0, 0].tolist()
 
 
 def test_zigzag_shard_roundtrip_and_layout():
@@ -173,4 +173,4 @@ def test_zigzag_shard_roundtrip_and_layout():
     # 12 positions, 6 chunks of 2: rank r holds chunks r and 5 - r.
     assert shards == [[0, 1, 10, 11], [2, 3, 8, 9], [4, 5, 6, 7]]
     with pytest.raises(ValueError, match="multiple of 2 \\* ring size"):
-        hra.zigzag_shard(torch.zeros(10), dim=0, rank=0, world_size=3)
+        hra.zigzag_shard(torch.zeros(10), dim=0, rank=0, ring_size=3)

@@ -77,10 +77,10 @@ def test_virtual_ring_matches_reference(device, kernel, dtype, world, layout, ca
     if layout == "contiguous":
         shard = lambda x, r: x.chunk(world, dim=2)[r]  # noqa: E731
     elif layout == "zigzag_docs":
-        shard = lambda x, r: torch.cat([hra.zigzag_shard(x[:, :, a:b], dim=2, rank=r, world_size=world)  # noqa: E731
+        shard = lambda x, r: torch.cat([hra.zigzag_shard(x[:, :, a:b], dim=2, rank=r, ring_size=world)  # noqa: E731
                                         for a, b in zip(cu, cu[1:])], dim=2)
     else:
-        shard = lambda x, r: hra.zigzag_shard(x, dim=2, rank=r, world_size=world)  # noqa: E731
+        shard = lambda x, r: hra.zigzag_shard(x, dim=2, rank=r, ring_size=world)  # noqa: E731
     put = lambda x, r: shard(x, r).to(device, dtype).contiguous()  # noqa: E731
     force = {}
     if kernel == "split":

@@ -2,7 +2,7 @@
 
 For a single device (one GPU) where C real processes cannot each own a device: the same
 ``ring_forward`` / ``ring_backward`` code runs for every rank, with ``RingComm`` replaced
-by an in-process exchange (a clone of each sent tensor, delivered to the next rank's
+by an in-process exchange passed as ``RingOptions(comm=...)`` (a clone of each sent tensor, delivered to the next rank's
 receive buffer on ``wait``). Only the transport differs from a real ring; the plans,
 block kernels, merges and the travelling dK/dV accumulators are the real ones.
 Autograd is not used: ``ring_backward`` is called directly (a thread blocked in one rank's
@@ -14,13 +14,12 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
-from unittest import mock
 
 import torch
 
 from hf_ring_attention import ring as ring_mod
 from hf_ring_attention.kernels import select_kernel
-from hf_ring_attention.plan import MaskSpec
+from hf_ring_attention.plan import TILE_ROWS, MaskSpec
 
 
 class _Rank:
@@ -32,6 +31,8 @@ class _Rank:
 
 
 class _ThreadComm:
+    """A ``RingOptions.comm``: the exchange of one pass between the threads of a virtual ring."""
+
     def __init__(self, group: _Rank, **_):
         self.g, self.channel = group, group.created
         group.created += 1
@@ -41,7 +42,7 @@ class _ThreadComm:
         with self.g.lock:
             return self.g.boxes[(self.channel, rank)]
 
-    def send_recv(self, tensors):
+    def send_recv(self, tensors, *, step=0):
         if self.pending is not None:
             raise RuntimeError("send_recv called twice without wait()")
         self._box((self.g.rank + 1) % self.g.world).put([t.detach().clone() for t in tensors])
@@ -65,28 +66,26 @@ def run_virtual_ring(q_shards, k_shards, v_shards, dout_shards, *, layout="zigza
     d = q_shards[0].shape[-1]
     results, errors = [None] * world, []
 
+    opts = ring_mod.RingOptions(comm=_ThreadComm, split_bands=split_bands,
+                                tile_rows=TILE_ROWS if tile_rows is None else tile_rows)
+
     def rank_fn(r):
         try:
             q, k, v, do = q_shards[r], k_shards[r], v_shards[r], dout_shards[r]
-            cfg = ring_mod.RingConfig(_Rank(r, world, boxes, lock), r, world, layout, spec,
-                                      d ** -0.5 if scale is None else scale, select_kernel(q, kernel))
+            cfg = ring_mod.RingConfig(group=_Rank(r, world, boxes, lock), rank=r, ring_size=world, layout=layout,
+                                      spec=spec, scale=d ** -0.5 if scale is None else scale,
+                                      kernel=select_kernel(q, kernel), options=opts)
             out, lse = ring_mod.ring_forward(q, k, v, cfg)
             dq, dk, dv = ring_mod.ring_backward(do, q, k, v, out, lse, cfg)
             results[r] = (out, dq, dk, dv)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             errors.append((r, e))
 
-    orig_tasks = ring_mod._tasks
-
-    def tasks(spec, layout, rank, source, world_size, local_len, split, rows):
-        return orig_tasks(spec, layout, rank, source, world_size, local_len,
-                          split if split_bands is None else split_bands, rows if tile_rows is None else tile_rows)
-    with mock.patch.object(ring_mod, "RingComm", _ThreadComm), mock.patch.object(ring_mod, "_tasks", tasks):
-        threads = [threading.Thread(target=rank_fn, args=(r,), daemon=True) for r in range(world)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+    threads = [threading.Thread(target=rank_fn, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
     if errors:
         raise errors[0][1]
     if any(t.is_alive() for t in threads):
