@@ -11,10 +11,10 @@ from .sharding import IGNORE_INDEX, shard_batch, shift_labels, zigzag_shard, zig
 from .training import shard_window
 
 __all__ = [
-    "IGNORE_INDEX", "PerplexityResult", "RingCommError", "RingGroups", "RingMismatchError", "RingOptions",
-    "RingOutOfStepError", "RingTrainer", "apply_ring_attention", "chunked_causal_lm_loss", "evaluate_perplexity",
-    "remove_ring_attention", "ring_attention", "setup_groups", "shard_batch", "shard_window", "shift_labels",
-    "zigzag_shard", "zigzag_unshard",
+    "IGNORE_INDEX", "PerplexityResult", "RingCache", "RingCommError", "RingGroups", "RingMismatchError",
+    "RingOptions", "RingOutOfStepError", "RingTrainer", "apply_ring_attention", "chunked_causal_lm_loss",
+    "evaluate_perplexity", "remove_ring_attention", "ring_attention", "ring_generate", "setup_groups", "shard_batch",
+    "shard_window", "shift_labels", "zigzag_shard", "zigzag_unshard",
 ]
 __version__ = "0.1.0"
 
@@ -26,4 +26,9 @@ def __getattr__(name: str):
         from . import trainer
 
         return getattr(trainer, name)
+    # generation subclasses transformers' Cache: import it (and transformers, ~1.4 s) on first use only.
+    if name in ("RingCache", "ring_generate"):
+        from . import generation
+
+        return getattr(generation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -105,6 +105,9 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
         raise NotImplementedError("ring attention supports causal decoder self-attention only; this module is "
                                   "bidirectional (an encoder or cross-attention)")
+    decode = kwargs.get("ring_decode")  # new tokens against a sharded KV cache (hf_ring_attention.generation)
+    if decode is not None:
+        return decode.attention(query, key, value, scaling=scaling, sliding_window=sliding_window), None
     if attention_mask is not None:
         raise ValueError("ring attention takes no attention_mask tensor (got one of shape "
                          f"{tuple(attention_mask.shape)}); pass attention_mask=None, and packed documents "
@@ -177,9 +180,12 @@ def _resolve_group(group) -> dist.ProcessGroup | None:
 # ------------------------------------------------------------------------------ the forward hook
 def _local_verdict(model, kwargs: dict, ids_shape, state: RingState) -> str | None:
     """This rank's own checks of a forward call (no communication): an error message or None."""
-    if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-        return ("ring attention runs without a KV cache: pass use_cache=False, or call remove_ring_attention(model) "
-                "before generate()")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if getattr(cache, "ring_sharded", False):
+        pass  # hf_ring_attention.ring_generate's prefill: a cache sharded like the ring (generation.RingCache)
+    elif kwargs.get("use_cache") or cache is not None:
+        return ("ring attention runs without a KV cache: pass use_cache=False; generate with "
+                "hf_ring_attention.ring_generate (sharded cache), or remove_ring_attention(model) first")
     if ids_shape is None or len(ids_shape) < 2:
         return "the forward needs input_ids (B, S_local) or inputs_embeds (B, S_local, H)"
     pos = kwargs.get("position_ids")
