@@ -46,6 +46,8 @@ class RingOptions:
         bwd_q_rows: query rows per backward call of a full block; None: 4096 on CPU, whole blocks on GPU.
         tile_rows: query rows per masked tile (bounds the explicit mask at tile_rows x S_k).
         split_bands: cut masked tiles into causal/full blocks and narrow strips; None: on GPUs only.
+        all_to_all: the Ulysses exchange ``fn(out, x, *, group, timeout)`` (equal splits along dim 0);
+            None: ``torch.distributed.all_to_all_single`` (see ``ulysses.py``).
     """
 
     comm: Callable[..., object] = RingComm
@@ -53,6 +55,7 @@ class RingOptions:
     bwd_q_rows: int | None = None
     tile_rows: int = TILE_ROWS
     split_bands: bool | None = None
+    all_to_all: Callable[..., None] | None = None
 
 
 DEFAULT_OPTIONS = RingOptions()
