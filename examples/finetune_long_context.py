@@ -69,7 +69,10 @@ class TrainConfig:
     seq_len: int = arg(4096, "tokens per packed row (the full sequence, before ring sharding)")
     pack_documents: bool = arg(True, "true: attention and targets stay within documents; false: plain "
                                      "concatenation")
-    ring_size: int = arg(2, "processes per sequence; must divide the number of processes")
+    ring_size: int = arg(2, "processes per ring; ring_size x ulysses_size processes share a sequence and must "
+                            "divide the number of processes")
+    ulysses_size: int = arg(1, "processes per Ulysses (all-to-all) group of consecutive ranks (keep it inside a "
+                               "node; it must divide the attention heads); 1: the plain ring")
     micro_batch_size: int = arg(1, "rows per ring per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(20, "optimizer steps")
@@ -324,7 +327,7 @@ def training_function(config: TrainConfig, args=None):
                                    mixed_precision=config.precision)
     if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    groups = hra.setup_groups(config.ring_size)  # rings of consecutive ranks; dp = world / ring
+    groups = hra.setup_groups(config.ring_size, ulysses_size=config.ulysses_size)  # dp = world / (U x C)
     run_id = agree_run_id(accelerator)  # names the checkpoints' temporary folders
     set_seed(config.seed)
 
@@ -360,7 +363,8 @@ def training_function(config: TrainConfig, args=None):
     ga = config.gradient_accumulation_steps
     batches = batch_stream(loader, start=step * ga)
     tokens_per_step = config.micro_batch_size * config.seq_len * ga * groups.dp_size
-    accelerator.print(f"world {accelerator.num_processes} = dp {groups.dp_size} x ring {groups.ring_size} "
+    uly = f" x ulysses {groups.ulysses_size}" if groups.ulysses_size > 1 else ""
+    accelerator.print(f"world {accelerator.num_processes} = dp {groups.dp_size}{uly} x ring {groups.ring_size} "
                       f"({accelerator.distributed_type.value}, {accelerator.device.type}); "
                       f"{len(dataset)} rows of {config.seq_len} tokens; {tokens_per_step} tokens per step; "
                       f"steps {step} -> {config.max_steps}")

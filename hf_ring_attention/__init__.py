@@ -7,14 +7,16 @@ from .integration import apply_ring_attention, remove_ring_attention
 from .loss import chunked_causal_lm_loss
 from .perplexity import PerplexityResult, evaluate_perplexity
 from .ring import RingOptions, ring_attention
-from .sharding import IGNORE_INDEX, shard_batch, shift_labels, zigzag_shard, zigzag_unshard
+from .sharding import IGNORE_INDEX, gather_sequence, shard_batch, shift_labels, zigzag_shard, zigzag_unshard
 from .training import shard_window
+from .ulysses import ulysses_attention
 
 __all__ = [
     "IGNORE_INDEX", "PerplexityResult", "RingCache", "RingCommError", "RingGroups", "RingMismatchError",
     "RingOptions", "RingOutOfStepError", "RingTrainer", "apply_ring_attention", "chunked_causal_lm_loss",
-    "evaluate_perplexity", "remove_ring_attention", "ring_attention", "ring_generate", "setup_groups", "shard_batch",
-    "shard_window", "shift_labels", "zigzag_shard", "zigzag_unshard",
+    "evaluate_perplexity", "gather_sequence", "remove_ring_attention", "ring_attention", "ring_generate",
+    "setup_groups", "shard_batch", "shard_window", "shift_labels", "ulysses_attention", "zigzag_shard",
+    "zigzag_unshard",
 ]
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .integration import _STATE_ATTR, RingForward, apply_ring_attention, patched_ring_size, remove_ring_attention
 from .kernels import merge_, select_kernel
-from .sharding import shard_batch, shard_index
+from .sharding import shard_batch, sp_shard_index
 
 # generate() arguments that are not generation-config fields and that ring_generate passes on.
 _PASSED_ON = ("attention_mask", "logits_processor", "stopping_criteria", "streamer", "prefix_allowed_tokens_fn")
@@ -219,15 +219,18 @@ class _Hooks:
     def _prefill(self, kwargs, ids, n):
         shard = shard_batch({"input_ids": ids}, self.groups, pad_token_id=self.pad)
         s_local = shard["input_ids"].shape[1]
-        index = shard_index("zigzag", self.rank, self.size, s_local).to(ids.device)  # (S_local,) global indices
+        u = 1 if self.groups is None else self.groups.ulysses_size
+        index = sp_shard_index("zigzag", self.rank, self.size, s_local, ulysses_size=u).to(ids.device)  # (S_local,)
         keep = torch.nonzero(index < n).flatten()  # padding rows are dropped from the cache
         self.cache.begin_prefill(index.index_select(0, keep), keep)
-        # The prompt's last token (index n - 1) sits in zigzag chunk (n - 1) // chunk_len (of 2C).
-        chunk_len = s_local // 2
-        chunk = (n - 1) // chunk_len
-        self.src = chunk if chunk < self.size else 2 * self.size - 1 - chunk
-        row = (n - 1) - chunk * chunk_len + (0 if chunk < self.size else chunk_len)
-        self.row = row if self.rank == self.src else 0
+        # The sp rank holding the prompt's last token (index n - 1), and its row there: every rank
+        # computes the same answer from the layout, without communication.
+        for r in range(self.size):
+            hit = torch.nonzero(sp_shard_index("zigzag", r, self.size, s_local, ulysses_size=u) == n - 1)
+            if hit.numel():
+                self.src = r
+                self.row = int(hit[0, 0]) if self.rank == r else 0
+                break
         kwargs.update(shard)
         if "logits_to_keep" in kwargs:  # only the one row whose logits generate reads
             kwargs["logits_to_keep"] = torch.tensor([self.row], device=ids.device)

@@ -29,7 +29,8 @@ from .compat import check_model, match_head_dims
 from .loss import check_chunk_size, check_impl
 from .loss_patch import check_model as check_loss_model, install_chunked_loss, remove_chunked_loss
 from .ring import LAYOUTS, RingOptions, make_config, run_ring
-from .sharding import zigzag_unshard
+from .sharding import gather_shards, zigzag_unshard
+from .ulysses import UlyssesConfig, head_split, run_hybrid
 
 # Our own key: names containing "flash", "sdpa" or "flex_attention" trigger transformers'
 # built-in checks for those kernels.
@@ -56,20 +57,32 @@ class RingForward:
         documents: per batch row, the global document boundaries (0, ..., N), or None for one document.
         length: the global (padded) sequence length N.
         max_position: the largest position id over the ring (what an unsharded dynamic RoPE sees).
+        ulysses_size: U; this rank's tokens are ``sharding.sp_shard_index(layout, sp_rank, U * C, S_local,
+            documents[b] (zigzag_docs only), ulysses_size=U)``.
     """
 
     layout: str
     documents: tuple[tuple[int, ...] | None, ...]
     length: int
     max_position: int
+    ulysses_size: int = 1
 
 
 @dataclass
 class RingState:
-    """What the attention function needs, attached to each module of the patched model."""
+    """What the attention function needs, attached to each module of the patched model.
+
+    ``group`` / ``sp_size``: the sequence-parallel group (U * C ranks: the per-forward agreement,
+    position gathers); ``ring_*``: the ring (C ranks); ``ulysses_*``: the all-to-all group (U ranks).
+    """
 
     group: dist.ProcessGroup | None
-    ring_size: int
+    sp_size: int
+    ring_group: dist.ProcessGroup | None = None
+    ring_rank: int = 0
+    ring_size: int = 1
+    ulysses_group: dist.ProcessGroup | None = None
+    ulysses_size: int = 1
     kernel: object = None  # a kernel name or a kernels.Kernel (None: auto)
     detect_documents: bool = True
     options: RingOptions | None = None
@@ -136,14 +149,23 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling  # of the q/k head dim, before padding
     query, key, value, head_dim_v = match_head_dims(query, key, value)  # MLA: value head dim != q/k head dim
-    rank = dist.get_rank(state.group) if state.ring_size > 1 else 0
     tag = int(getattr(module, "layer_idx", 0) or 0)
 
+    def ring_config(q, k, v, docs):
+        return make_config(q, k, v, group=state.ring_group, rank=state.ring_rank, ring_size=state.ring_size,
+                           causal=True, scale=scaling, layout=ctx.layout, sliding_window=sliding_window,
+                           cu_seqlens=docs, kernel=state.kernel, options=state.options, tag=tag)
+
     def one(q, k, v, docs):
-        cfg = make_config(q, k, v, group=state.group, rank=rank, ring_size=state.ring_size, causal=True,
-                          scale=scaling, layout=ctx.layout, sliding_window=sliding_window, cu_seqlens=docs,
-                          kernel=state.kernel, options=state.options, tag=tag)
-        return run_ring(q, k, v, cfg)
+        if state.ulysses_size == 1:
+            return run_ring(q, k, v, ring_config(q, k, v, docs)).transpose(1, 2)
+        # The head split follows from the agreed config (the forward hook checked it): every rank
+        # gets the same answer, so no collective is needed here.
+        opts = state.options or RingOptions()
+        ucfg = UlyssesConfig(state.ulysses_group, state.ulysses_size,
+                             head_split(q.shape[1], k.shape[1], state.ulysses_size),
+                             timeout=opts.timeout, all_to_all=opts.all_to_all)
+        return run_hybrid(q, k, v, ucfg, lambda qh, kh, vh: ring_config(qh, kh, vh, docs))  # (B, S, Hq, D)
 
     docs = ctx.documents
     with torch.autocast(device_type, enabled=False):
@@ -151,7 +173,7 @@ def ring_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             out = one(query, key, value, docs[0])
         else:  # rows packed differently: one ring pass per row
             out = torch.cat([one(query[i:i + 1], key[i:i + 1], value[i:i + 1], d) for i, d in enumerate(docs)])
-    return out[..., :head_dim_v].transpose(1, 2).contiguous(), None
+    return out[..., :head_dim_v].contiguous(), None
 
 
 def ring_mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> None:
@@ -173,8 +195,14 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTN_KEY, ring_mask)
 
 
-def _resolve_group(group) -> dist.ProcessGroup | None:
-    return getattr(group, "sp_group", group)  # a RingGroups or a ProcessGroup
+def _make_state(group, **kwargs) -> RingState:
+    """The state of a patch over ``group``: a ``RingGroups`` (any Ulysses x ring), or a ring's ProcessGroup."""
+    if hasattr(group, "sp_group"):  # a RingGroups
+        return RingState(group.sp_group, group.sp_size, group.ring_group, group.ring_rank, group.ring_size,
+                         getattr(group, "ulysses_group", None), getattr(group, "ulysses_size", 1), **kwargs)
+    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if size > 1 else 0
+    return RingState(group, size, group, rank, size, **kwargs)
 
 
 # ------------------------------------------------------------------------------ the forward hook
@@ -189,14 +217,20 @@ def _local_verdict(model, kwargs: dict, ids_shape, state: RingState) -> str | No
     if ids_shape is None or len(ids_shape) < 2:
         return "the forward needs input_ids (B, S_local) or inputs_embeds (B, S_local, H)"
     pos = kwargs.get("position_ids")
-    if state.ring_size > 1 and pos is None:
+    if state.sp_size > 1 and pos is None:
         return ("a ring-sharded forward needs the global position_ids of this rank's tokens (otherwise RoPE sees "
                 "local positions); use hf_ring_attention.shard_batch(batch, groups)")
     if pos is not None and (pos.dim() != 2 or pos.shape[-1] != ids_shape[1]):
         return f"position_ids of shape {tuple(pos.shape)} do not match the tokens (B, S_local) = {tuple(ids_shape[:2])}"
-    if state.ring_size > 1 and ids_shape[1] % 2:
-        return (f"the local length {ids_shape[1]} is odd: a zigzag shard holds two equal chunks; pad the full "
-                "sequence to a multiple of 2 * ring_size (shard_batch does this)")
+    if state.sp_size > 1 and ids_shape[1] * state.ulysses_size % 2:
+        return (f"the ring shard length {ids_shape[1]} x {state.ulysses_size} is odd: a zigzag shard holds two "
+                "equal chunks; pad the full sequence to a multiple of 2 * ring_size * ulysses_size (shard_batch "
+                "does this)")
+    if state.ulysses_size > 1:
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = getattr(text, "num_attention_heads", None)
+        if heads is not None:
+            head_split(heads, getattr(text, "num_key_value_heads", None) or heads, state.ulysses_size)  # raises
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         return ("ring attention does not support padding in attention_mask; drop the mask and pad with ignored "
@@ -205,7 +239,7 @@ def _local_verdict(model, kwargs: dict, ids_shape, state: RingState) -> str | No
     if layout is not None and layout not in LAYOUTS:
         return f"ring_layout={layout!r} is not known; choose one of {LAYOUTS}"
     if docs is not None:
-        total = ids_shape[1] * state.ring_size
+        total = ids_shape[1] * state.sp_size
         if len(docs) != ids_shape[0] or any(len(d) < 2 or d[0] != 0 or d[-1] != total for d in docs):
             return (f"ring_documents must give, for each of the {ids_shape[0]} rows, boundaries from 0 to the global "
                     f"length {total}; got {docs!r}. Pass the dict shard_batch returns as it is")
@@ -218,7 +252,7 @@ def _forward_signature(model, kwargs: dict, ids_shape, state: RingState) -> dict
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return {"batch and local length (B, S_local)": tuple(ids_shape[:2]) if ids_shape else (),
-            "dtype": dtype_code(dtype), "ring size": state.ring_size,
+            "dtype": dtype_code(dtype), "ulysses x ring size": (state.ulysses_size, state.ring_size),
             "ring_layout": kwargs.get("ring_layout"), "ring_documents": kwargs.get("ring_documents"),
             "model config": tuple(_stable_repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
             "training mode": int(model.training), "gradients enabled": int(torch.is_grad_enabled())}
@@ -234,8 +268,11 @@ def _stable_repr(value) -> str:
 
 
 def _documents_from_positions(pos: torch.Tensor, state: RingState, batch: int) -> tuple:
-    """Per-row global document bounds from restarting position ids (an all-gather over the ring)."""
-    if state.ring_size > 1:
+    """Per-row global document bounds from restarting position ids (an all-gather over the sp group)."""
+    if state.ulysses_size > 1:
+        pos = gather_shards(pos, dim=-1, group=state.group, sp_size=state.sp_size, ulysses_size=state.ulysses_size,
+                            layout="zigzag")
+    elif state.ring_size > 1:
         pos = zigzag_unshard(pos.contiguous(), dim=-1, group=state.group)
     pos = pos.expand(batch, -1)
     starts = torch.diff(pos, dim=-1) != 1  # (B, N - 1): True where a new document begins
@@ -260,7 +297,7 @@ def _before_forward(model, args, kwargs):
         error = f"{type(e).__name__}: {e}"
     pos = kwargs.get("position_ids")
     local_max = int(pos.max()) if error is None and pos is not None and pos.numel() else 0
-    if state.ring_size > 1:
+    if state.sp_size > 1:
         device = pos.device if pos is not None else (ids if ids is not None else embeds).device
         extras = agree(_forward_signature(model, kwargs, ids_shape, state), error, group=state.group, device=device,
                        what=f"the ring forward of {type(model).__name__}", extra=(local_max,))
@@ -273,6 +310,7 @@ def _before_forward(model, args, kwargs):
     docs = kwargs.pop("ring_documents", None)
     layout = kwargs.pop("ring_layout", None) or ("zigzag_docs" if docs is not None and state.ring_size > 1
                                                  and any(len(d) > 2 for d in docs) else "zigzag")
+    total = s_local * state.sp_size
     if docs is not None:
         docs = tuple(tuple(int(x) for x in d) if len(d) > 2 else None for d in docs)
     elif state.detect_documents and pos is not None:
@@ -280,8 +318,8 @@ def _before_forward(model, args, kwargs):
     else:
         docs = (None,) * b
     if layout == "zigzag_docs":  # one document per row is the plain zigzag: the planner wants it as bounds
-        docs = tuple(d if d is not None else (0, s_local * state.ring_size) for d in docs)
-    ctx = RingForward(layout, docs, s_local * state.ring_size, max_position)
+        docs = tuple(d if d is not None else (0, total) for d in docs)
+    ctx = RingForward(layout, docs, total, max_position, state.ulysses_size)
     state.forward = ctx
     kwargs["ring_context"] = ctx
     return args, kwargs
@@ -300,7 +338,7 @@ def _dynamic_rope_hooks(model, state: RingState) -> list:
         kinds = kind.values() if isinstance(kind, dict) else [kind]
         if hasattr(m, "inv_freq") and any(isinstance(k, str) and any(d in k for d in _DYNAMIC_ROPE) for k in kinds):
             modules.append(m)
-    if not modules or state.ring_size == 1:
+    if not modules or state.sp_size == 1:
         return []
 
     def pre(module, args, kwargs):
@@ -363,9 +401,7 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None, det
     if loss_chunk_size is not None:
         check_loss_model(model)  # before anything changes
     _register()
-    ring = _resolve_group(group)
-    size = dist.get_world_size(ring) if dist.is_initialized() else 1
-    state = RingState(ring, size, kernel=kernel, detect_documents=detect_documents, options=options)
+    state = _make_state(group, kernel=kernel, detect_documents=detect_documents, options=options)
     if hasattr(model, "_hf_ring_saved"):
         remove_ring_attention(model)
     previous = config._attn_implementation
@@ -389,9 +425,10 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None, det
 
 
 def patched_ring_size(model: torch.nn.Module) -> int | None:
-    """The ring size ``model`` is patched for by ``apply_ring_attention``, or None when it is not patched."""
+    """The sequence-parallel size (U x C; the ring size when U = 1) ``model`` is patched for by
+    ``apply_ring_attention``, or None when it is not patched."""
     state = getattr(model, _STATE_ATTR, None)
-    return None if state is None or model.config._attn_implementation != ATTN_KEY else state.ring_size
+    return None if state is None or model.config._attn_implementation != ATTN_KEY else state.sp_size
 
 
 def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:

@@ -116,8 +116,8 @@ def _check_model(model: torch.nn.Module, ring_size: int) -> tuple[torch.nn.Modul
         raise ValueError(f"ring_size={ring_size} but the model uses attention {config._attn_implementation!r}: "
                          "call hf_ring_attention.apply_ring_attention(model, groups) first")
     if patched is not None and patched != ring_size:
-        raise ValueError(f"the model is patched for a ring of {patched} processes but groups has "
-                         f"ring_size={ring_size}; pass the groups used in apply_ring_attention(model, groups)")
+        raise ValueError(f"the model is patched for {patched} processes per sequence but groups has "
+                         f"sp_size={ring_size}; pass the groups used in apply_ring_attention(model, groups)")
     return decoder, lm_head
 
 

@@ -51,6 +51,8 @@ class RingOptions:
             blocks on GPU.
         tile_rows: query rows per masked tile (bounds the explicit mask at tile_rows x S_k).
         split_bands: cut masked tiles into causal/full blocks and narrow strips; None: on GPUs only.
+        all_to_all: the Ulysses exchange ``fn(out, x, *, group, timeout)`` (equal splits along dim 0);
+            None: ``torch.distributed.all_to_all_single`` (see ``ulysses.py``).
     """
 
     comm: Callable[..., object] = RingComm
@@ -59,6 +61,7 @@ class RingOptions:
     bwd_kv_rows: int | None = None
     tile_rows: int = TILE_ROWS
     split_bands: bool | None = None
+    all_to_all: Callable[..., None] | None = None
 
 
 DEFAULT_OPTIONS = RingOptions()

@@ -172,3 +172,19 @@ def test_cache_refuses_use_outside_ring_generate():
         model(input_ids=token_batch(8), position_ids=torch.arange(8)[None], cache=cache, use_cache=True)
     with pytest.raises(ValueError, match="use_cache=False"):
         model(input_ids=token_batch(8), position_ids=torch.arange(8)[None], use_cache=True)
+
+
+def _run_ulysses(rank, world):
+    groups = hra.setup_groups(1, ulysses_size=world)  # U = world, C = 1: the prefill's shards are Ulysses pieces
+    return {(family, n): _greedy_case(family, n, 2, groups, world, True) for family, n in [("llama", 29), ("mistral", 7)]}
+
+
+def test_ring_generate_ulysses():
+    """Prefill through Ulysses (U = 2): the cache keeps each sp rank's piece, the last token's logits
+    come from the sp rank that holds it; the tokens and logits are the unpatched generate's."""
+    for rank, res in enumerate(run_ranks(_run_ulysses, 2, timeout=600)):
+        for case, r in res.items():
+            assert r["same_tokens"], (rank, case)
+            assert r["logits_err"] < 2e-5 and r["scores_err"] < 2e-5, (rank, case, r["logits_err"], r["scores_err"])
+            held = sorted(p for ps in r["positions"] for p in ps)
+            assert held == list(range(r["prompt"] + NEW - 1)), (case, r["positions"])
