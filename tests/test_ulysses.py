@@ -98,7 +98,8 @@ def _model_errors(groups, family, docs, ckpt):
     ref_loss = total / count
     ref_loss.backward()
 
-    model = hra.apply_ring_attention(tiny_model(family).train(), groups)
+    # transformers' loss (loss_chunk_size=None): the logits are compared too (the chunked loss returns none)
+    model = hra.apply_ring_attention(tiny_model(family).train(), groups, loss_chunk_size=None)
     if ckpt:
         model.gradient_checkpointing_enable()
     batch = hra.shard_batch({"input_ids": ids, "labels": ids, "position_ids": pos}, groups)
