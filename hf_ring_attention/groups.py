@@ -146,8 +146,9 @@ def setup_groups(ring_size: int, *, ulysses_size: int = 1, timeout: timedelta | 
         PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
     if not dist.is_initialized():
         if sp != 1:
-            raise ValueError(f"ring_size={ring_size} x ulysses_size={ulysses_size} needs {sp} processes; launch "
-                             f"with `accelerate launch --num_processes {sp} ...` or torchrun")
+            what = f"ring_size={ring_size}" if ulysses_size == 1 else f"ring_size={ring_size} x ulysses_size={ulysses_size}"
+            raise ValueError(f"{what} needs {sp} processes; launch with `accelerate launch --num_processes {sp} ...` "
+                             "or torchrun")
         return RingGroups(None, 0, 1, None, 0, 1, timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % sp != 0:

@@ -63,7 +63,12 @@ def check_model(model) -> None:
     """Raise NotImplementedError (naming the fix) for a head or loss the chunked loss cannot reproduce."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    _head(model)
+    head = _head(model)
+    if type(head.weight).__name__ == "DTensor":
+        raise NotImplementedError("the LM head's weight is a sharded DTensor (the head has its own FSDP2 "
+                                  "fully_shard, as transformers' load-time DistributedConfig(fsdp_size=...) makes, or "
+                                  "tensor parallelism): the chunked loss needs the whole weight while it runs. Shard "
+                                  f"the head with the root module (fully_shard(model)), or {_fix(model)}")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "z_loss_coefficient", 0) or getattr(model, "z_loss_coefficient", 0):
         raise NotImplementedError(f"the model adds a z-loss computed from the full logits (z_loss_coefficient); "
@@ -208,10 +213,6 @@ def _loss_forward(self, state: ChunkedLossState, inner, kwargs: dict):
         return_dict = getattr(self.config, "return_dict", True)
     check_model(self)  # PEFT, quantization or a new loss_function may have come after install
     head = _head(self)
-    if type(head.weight).__name__ == "DTensor":
-        raise NotImplementedError("the LM head's weight is a sharded DTensor when the loss runs (was the LM head "
-                                  "given its own fully_shard?): shard it with the root module, or "
-                                  f"{_fix(self)}")
     probe = _probe_rows(head.weight) if state.transform is None else None
     seen = []
 

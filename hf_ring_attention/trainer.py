@@ -42,10 +42,13 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.distributed as dist
 from transformers import Trainer
+from transformers.utils import logging
 
 from .groups import setup_groups
 from .integration import apply_ring_attention
 from .sharding import IGNORE_INDEX, shard_batch
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["RingTrainer", "RingTrainerMixin"]  # and RingSFTTrainer, built on first access (needs TRL)
 
@@ -128,8 +131,16 @@ class RingTrainerMixin:
     def _ring_patch(self, model: torch.nn.Module) -> None:
         # apply_ring_attention's chunked loss is its default; the Trainer only reads outputs.loss, so
         # the logits it leaves out are not missed.
-        kwargs = {} if self._ring_chunked_loss else {"loss_chunk_size": None}
-        apply_ring_attention(model, self.ring_groups, **kwargs)
+        chunked = self._ring_chunked_loss
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if chunked and type(getattr(head, "weight", None)).__name__ == "DTensor":
+            # An LM head with its own FSDP2 shard (transformers' load-time DistributedConfig): the
+            # chunked loss would need its whole weight outside the head's forward.
+            logger.warning("%s: the LM head has its own FSDP2 shard, so the loss is transformers' own (full "
+                           "S_local x vocab logits); shard the head with the root module for the chunked loss",
+                           type(self).__name__)
+            chunked = False
+        apply_ring_attention(model, self.ring_groups, **({} if chunked else {"loss_chunk_size": None}))
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
