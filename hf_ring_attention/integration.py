@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .agreement import agree, dtype_code
+from .mixers import install_mixers, remove_mixers
 from .ring import LAYOUTS, RingOptions, make_config, run_ring
 from .sharding import zigzag_unshard
 
@@ -342,6 +343,7 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None,
     config.use_cache = False
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)
+    install_mixers(model, ring)  # recurrences / convolutions outside attention (hf_ring_attention.mixers)
     return model
 
 
@@ -359,6 +361,7 @@ def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
     previous, use_cache, hooks = saved
     for h in hooks:
         h.remove()
+    remove_mixers(model)
     model.set_attn_implementation(previous)
     model.config.use_cache = use_cache
     for m in model.modules():
