@@ -163,16 +163,18 @@ def remove_mixers(model: torch.nn.Module) -> None:
 
 
 def _sharded_forward(original: Callable, kind: MixerKind, how: str, group) -> Callable:
-    def forward(self, hidden_states=None, *args, cache=None, attention_mask=None, **kwargs):
+    def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):  # the mixers' signature
         ctx = kwargs.pop("ring_context", None)
         size = dist.get_world_size(group) if dist.is_initialized() else 1
         if size == 1:
-            return original(hidden_states, *args, cache=cache, attention_mask=attention_mask, **kwargs)
+            return original(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
         name = type(self).__name__
         if ctx is None:
             raise ValueError(f"{name} was called outside a forward of the patched model (no ring_context): call "
                              "the model or its decoder, whose forward agrees on the shards first")
-        if cache is not None or args:
+        for old in ("cache_params", "past_key_values"):  # deprecated names of the cache
+            cache = cache if kwargs.get(old) is None else kwargs.pop(old)
+        if cache is not None:
             raise ValueError(f"{name} on a sharded sequence runs without a cache: call the model with "
                              "use_cache=False, or remove_ring_attention(model) before generate()")
         if attention_mask is not None:

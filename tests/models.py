@@ -36,8 +36,8 @@ def tiny_hybrid(family: str, *, seed: int = 0, dtype=torch.float32, **config):
     """A tiny random model whose layers mix tokens outside attention, beside attention layers.
 
     ``config``: config values replacing the defaults below. Head counts are chosen so that rings of
-    2 and 3 split them unevenly or across B/C groups (Bamba: 6 heads in 2 groups; at ring 3 the
-    middle rank's heads straddle both groups).
+    2 and 3 split them unevenly or across B/C groups (Bamba: 8 heads in 2 groups; at ring 3 the
+    middle rank's heads 2, 3, 4 straddle both groups unevenly).
     """
     import transformers as tf
 
@@ -57,7 +57,7 @@ def tiny_hybrid(family: str, *, seed: int = 0, dtype=torch.float32, **config):
         cfg.update(hidden_size=64, conv_L_cache=3, layer_types=["conv", "full_attention", "conv"])
         make = (tf.Lfm2ForCausalLM, tf.Lfm2Config)
     elif family == "bamba":
-        cfg.update(mamba, attn_layer_indices=[1], mamba_n_heads=6, mamba_d_head=16, mamba_n_groups=2)
+        cfg.update(mamba, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=12, mamba_n_groups=2)
         make = (tf.BambaForCausalLM, tf.BambaConfig)
     elif family == "granitemoehybrid":
         cfg.update(mamba, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_head=24,
