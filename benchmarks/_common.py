@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: spawn CPU ranks, measure peak memory, summarise.
+"""Shared helpers for the benchmarks: spawn CPU ranks, measure peak memory, build models, summarise.
 
 ``spawn(fn, world_size, *args, threads=1)`` starts ``world_size`` processes (torch
 multiprocessing, "spawn"), gives each ``threads`` intra-op threads, initialises a gloo
@@ -19,6 +19,10 @@ make RSS honest on glibc (measured, see /work/shared/DESIGN.md "Facts measured")
   work (``PeakRSS.start()``).
 ``torch_peak_bytes(fn)`` counts live torch CPU allocations instead (torch profiler's
 memory events): it misses non-torch memory but is immune to allocator caching.
+
+``build_model(c)`` builds the training benchmarks' models (bench_train.py, bench_memory.py):
+``small`` (a Llama built in code), ``demo`` (SmolLM2-135M) or ``llama3-8b`` (Llama-3-8B's
+shape with ``layers`` layers, random weights).
 """
 
 from __future__ import annotations
@@ -101,6 +105,56 @@ def torch_peak_bytes(fn) -> int:
         return 0
     start = events[0]["Total Allocated"] - events[0]["Bytes"]
     return max(e["Total Allocated"] for e in events) - start
+
+
+SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2)
+# Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json): all but the layer count.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def build_model(c: dict):
+    """The training model of configuration ``c``, in training mode, the same weights on every rank.
+
+    Keys: ``model`` ("small": ``c["small"]``'s Llama config; "demo": SmolLM2-135M; "llama3-8b":
+    Llama-3-8B's shape with ``c["layers"]`` layers), ``attn`` ("ring" or "sdpa"), ``checkpointing``
+    (transformers' activation checkpointing, non-reentrant), optional ``dtype`` ("fp32"/"bf16" weights).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, DTYPES[c.get("dtype", "fp32")])
+    attn = "sdpa" if c["attn"] == "sdpa" else "eager"  # eager is only a placeholder: the ring replaces it
+    if c["model"] == "demo":
+        from hf_ring_attention.demo import demo_model_dir
+
+        model = LlamaForCausalLM.from_pretrained(demo_model_dir(), dtype=dtype, attn_implementation=attn)
+    else:
+        shape = dict(c["small"]) if c["model"] == "small" else dict(LLAMA3_8B, num_hidden_layers=c["layers"])
+        torch.manual_seed(0)
+        cfg = LlamaConfig(**shape, max_position_embeddings=1 << 20, tie_word_embeddings=False,
+                          attention_dropout=0.0, use_cache=False, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # built in dtype: no fp32 copy of 8B-wide weights
+    model.config.use_cache = False
+    model.train()
+    if c["checkpointing"]:
+        from hf_ring_attention.training import enable_checkpointing
+
+        enable_checkpointing(model, offload=c.get("offload", False))
+    return model
+
+
+def random_shard(n: int, vocab: int, groups, batch: int = 1) -> dict:
+    """``shard_batch`` of ``batch`` random rows of ``n`` tokens (labels = ids), the same rows on every rank."""
+    import torch
+
+    from hf_ring_attention import shard_batch
+
+    g = torch.Generator().manual_seed(1234 + n)
+    ids = torch.randint(0, vocab, (batch, n), generator=g)
+    return shard_batch({"input_ids": ids, "labels": ids}, groups)
 
 
 def free_port() -> int:

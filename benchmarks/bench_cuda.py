@@ -15,6 +15,11 @@ What it measures, per global length N (B=1, --heads/--kv-heads/--head-dim, --dty
   an upper bound for a real ring, whose NCCL transfers overlap the compute but also use SMs
   and links. Balance = slowest / fastest rank. Memory = the largest per-rank peak.
 - --window W adds the same per-rank figures with a sliding window (Mistral), against causal.
+- --ulysses U,... adds the per-rank compute of the Ulysses x ring hybrid on U x C GPUs (C = 1 and
+  every --rings size): the ring of C on the rank's Hq / U query heads (and the kv heads they use,
+  ``ulysses.head_split``) over N / C tokens, plus the all-to-alls' local packing and unpacking
+  (forward and backward, with the exchange replaced by a copy). The NVLink transfer itself is not
+  measured; compare "sent/rank" of bench_attention.py --ulysses. Not run on a GPU yet (dry-run on CPU).
 - --fp32-seq N adds an fp32 row (ring 1 on the memory-efficient kernel against SDPA).
 Multi-GPU NCCL rings are measured by nothing here: that needs several GPUs.
 """
@@ -33,6 +38,7 @@ from hf_ring_attention import ring as ring_mod
 from hf_ring_attention import ring_attention, zigzag_shard
 from hf_ring_attention.kernels import select_kernel
 from hf_ring_attention.plan import MaskSpec
+from hf_ring_attention.ulysses import UlyssesConfig, head_split, heads_to_seq, seq_to_heads
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEVICE = "cuda"  # --device cpu: a dry run of this script on tiny sizes (no memory figures)
@@ -121,6 +127,21 @@ def per_rank(n, world, a, dtype, window=None):
     return res
 
 
+def per_rank_hybrid(n, u, c, a, dtype):
+    """The slowest rank's (s, peak bytes) of a U x C hybrid: ring compute on the head subset + a2a packing."""
+    split = head_split(a.heads, a.kv_heads, u)
+    sub = argparse.Namespace(**{**vars(a), "heads": split.q_local, "kv_heads": split.kv_local})
+    ring = per_rank(n, c, sub, dtype)
+    q, k, v, do = (x[:, :, :n // (u * c)] for x in inputs(n, a, dtype))  # one rank's piece, all heads
+    ucfg = UlyssesConfig(None, u, split, all_to_all=lambda out, x, **_: out.copy_(x))  # local copy, no NCCL
+
+    def attn(q, k, v):
+        qh, kh, vh = seq_to_heads(q, k, v, ucfg)
+        return heads_to_seq(qh + 0 * (kh.sum() + vh.sum()), ucfg).transpose(1, 2)  # keeps k, v in the graph
+    pack = timed(fwd_bwd(attn, q, k, v, do), a.repeats)
+    return max(t for t, _ in ring) + pack[0], max(m for _, m in ring) + pack[1], pack[0]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqs", default="16384,32768,65536")
@@ -130,6 +151,7 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--rings", default="2,4,8", help="ring sizes for the per-rank compute figures")
     p.add_argument("--window", type=int, default=4096, help="sliding window for the windowed rows (0: none)")
+    p.add_argument("--ulysses", default="", help="Ulysses sizes U for the hybrid's per-rank compute rows (e.g. 2,4,8)")
     p.add_argument("--fp32-seq", type=int, default=16384, help="N for the fp32 row (0: none)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernel", default=None, help="block kernel for the ring rows (default: auto)")
@@ -183,6 +205,11 @@ def main():
                 tw = [t for t, _ in pw]
                 row(n=n, dtype=a.dtype, what=f"ring {c} per-rank compute, window {a.window}", ms=max(tw) * 1e3,
                     vs_causal=max(tw) / max(ts), balance=max(tw) / min(tw))
+        for u in [int(x) for x in a.ulysses.split(",") if x]:
+            for c in [1] + rings:
+                t, m, pack = per_rank_hybrid(n, u, c, a, dtype)
+                row(n=n, dtype=a.dtype, what=f"U {u} x C {c} per-rank compute ({u * c} GPUs)", ms=t * 1e3,
+                    compute_speedup=t_sdpa / t, pack_ms=pack * 1e3, mem_mib=m / 2**20, mem_vs_sdpa=m / m_sdpa)
     if a.fp32_seq:
         n = a.fp32_seq
         t_sdpa, m_sdpa = timed(fwd_bwd(sdpa, *inputs(n, a, torch.float32)), a.repeats)

@@ -188,7 +188,7 @@ def plot_results(csv_path: str, png_path: str) -> str:
 def evaluation_function(config: dict, args: argparse.Namespace) -> list[dict]:
     # New code: one ring of `ring_size` processes per window; world / ring_size rings share the windows.
     # setup_groups first: it initialises accelerate's PartialState (with cpu=True on CPU-only machines).
-    groups = hra.setup_groups(config["ring_size"])
+    groups = hra.setup_groups(config["ring_size"], ulysses_size=config.get("ulysses_size", 1))
     state = PartialState()
     if state.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -214,9 +214,10 @@ def evaluation_function(config: dict, args: argparse.Namespace) -> list[dict]:
 
     model = AutoModelForCausalLM.from_pretrained(model_path, config=model_config, dtype=config["dtype"])
     model.to(state.device)
-    if groups.ring_size > 1:
+    if groups.sp_size > 1:
         hra.apply_ring_attention(model, groups)  # New code: exact ring attention over the ring group
-    state.print(f"{len(ids)} tokens; world {groups.world_size} = dp {groups.dp_size} x ring {groups.ring_size}; "
+    uly = f" x ulysses {groups.ulysses_size}" if groups.ulysses_size > 1 else ""
+    state.print(f"{len(ids)} tokens; world {groups.world_size} = dp {groups.dp_size}{uly} x ring {groups.ring_size}; "
                 f"max_position_embeddings {model_config.max_position_embeddings}; "
                 f"rope {(model_config.rope_parameters or {}).get('rope_type')}")
 
@@ -267,7 +268,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rope-scaling", default="none", help=f"one of {rope_choices()}")
     parser.add_argument("--rope-factor", type=float, default=None, help="RoPE scaling factor (>= 1)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--ring-size", type=int, default=2, help="processes per window; must divide the world size")
+    parser.add_argument("--ring-size", type=int, default=2, help="processes per ring; ring x ulysses processes share "
+                        "a window and must divide the world size")
+    parser.add_argument("--ulysses-size", type=int, default=1, help="processes per Ulysses (all-to-all) group; it must "
+                        "divide the attention heads (1: the plain ring)")
     parser.add_argument("--label", default=None, help="name of this run in the plot (default: model + rope)")
     parser.add_argument("--output-dir", default="outputs/perplexity")
     args = parser.parse_args(argv)
@@ -284,7 +288,7 @@ def main():
     args = parse_args()
     config = {"lengths": args.lengths, "stride": args.stride, "max_windows": args.max_windows,
               "max_tokens": args.max_tokens,
-              "ring_size": args.ring_size, "dtype": DTYPES[args.dtype],
+              "ring_size": args.ring_size, "ulysses_size": args.ulysses_size, "dtype": DTYPES[args.dtype],
               "rope_scaling": args.rope_scaling, "rope_factor": args.rope_factor}
     evaluation_function(config, args)
 

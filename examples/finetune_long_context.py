@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 import hf_ring_attention as hra
-from hf_ring_attention.training import batch_stream, make_accelerator, make_dataloader, pack_documents, training_step
+from hf_ring_attention.training import (batch_stream, enable_checkpointing, make_accelerator, make_dataloader,
+                                        pack_documents, training_step)
 
 
 def arg(default=dataclasses.MISSING, help: str = "", *, factory=dataclasses.MISSING):
@@ -68,7 +69,10 @@ class TrainConfig:
     seq_len: int = arg(4096, "tokens per packed row (the full sequence, before ring sharding)")
     pack_documents: bool = arg(True, "true: attention and targets stay within documents; false: plain "
                                      "concatenation")
-    ring_size: int = arg(2, "processes per sequence; must divide the number of processes")
+    ring_size: int = arg(2, "processes per ring; ring_size x ulysses_size processes share a sequence and must "
+                            "divide the number of processes")
+    ulysses_size: int = arg(1, "processes per Ulysses (all-to-all) group of consecutive ranks (keep it inside a "
+                               "node; it must divide the attention heads); 1: the plain ring")
     micro_batch_size: int = arg(1, "rows per ring per micro-batch")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     max_steps: int = arg(20, "optimizer steps")
@@ -81,6 +85,8 @@ class TrainConfig:
                                       "constant_with_warmup, ...")
     warmup_steps: int = arg(0, "scheduler warmup steps")
     gradient_checkpointing: bool = arg(False, "recompute layer activations in backward (less memory)")
+    activation_offload: bool = arg(False, "keep the checkpointed layers' inputs in pinned host memory (transformers' "
+                                          "offload; needs gradient_checkpointing; GPU only, ignored on CPU)")
     precision: str = arg("no", "'no' (fp32) or 'bf16' (autocast; fp32 master weights)")
     output_dir: str = arg("outputs/run", "checkpoints and metrics.jsonl; must be empty unless resuming "
                                          "or overwriting")
@@ -123,6 +129,9 @@ def load_config(argv=None) -> TrainConfig:
     config = TrainConfig(**values)
     if config.precision not in ("no", "bf16"):
         raise ValueError(f"precision={config.precision!r}: choose 'no' or 'bf16'")
+    if config.activation_offload and not config.gradient_checkpointing:
+        raise ValueError("activation_offload: true offloads the inputs of checkpointed layers; set "
+                         "gradient_checkpointing: true as well (or activation_offload: false)")
     return config
 
 
@@ -318,7 +327,7 @@ def training_function(config: TrainConfig, args=None):
                                    mixed_precision=config.precision)
     if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it to 1
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    groups = hra.setup_groups(config.ring_size)  # rings of consecutive ranks; dp = world / ring
+    groups = hra.setup_groups(config.ring_size, ulysses_size=config.ulysses_size)  # dp = world / (U x C)
     run_id = agree_run_id(accelerator)  # names the checkpoints' temporary folders
     set_seed(config.seed)
 
@@ -328,9 +337,10 @@ def training_function(config: TrainConfig, args=None):
     tokenizer = AutoTokenizer.from_pretrained(config.resume_from or config.tokenizer or source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model.config.attention_dropout = 0.0
-    if config.gradient_checkpointing:  # renamed activation_checkpointing_enable in transformers 5.x
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
+    if config.gradient_checkpointing:  # transformers' checkpointing; offload: layer inputs in host memory
+        offloaded = enable_checkpointing(model, offload=config.activation_offload)
+        if config.activation_offload and not offloaded:
+            accelerator.print("activation_offload: no accelerator, activations are in host memory already: ignored")
     hra.apply_ring_attention(model, groups)  # before prepare: DDP/FSDP wrap the patched model
 
     dataset, pad_id = build_dataset(config, tokenizer, accelerator)
@@ -353,7 +363,8 @@ def training_function(config: TrainConfig, args=None):
     ga = config.gradient_accumulation_steps
     batches = batch_stream(loader, start=step * ga)
     tokens_per_step = config.micro_batch_size * config.seq_len * ga * groups.dp_size
-    accelerator.print(f"world {accelerator.num_processes} = dp {groups.dp_size} x ring {groups.ring_size} "
+    uly = f" x ulysses {groups.ulysses_size}" if groups.ulysses_size > 1 else ""
+    accelerator.print(f"world {accelerator.num_processes} = dp {groups.dp_size}{uly} x ring {groups.ring_size} "
                       f"({accelerator.distributed_type.value}, {accelerator.device.type}); "
                       f"{len(dataset)} rows of {config.seq_len} tokens; {tokens_per_step} tokens per step; "
                       f"steps {step} -> {config.max_steps}")

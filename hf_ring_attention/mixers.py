@@ -68,7 +68,7 @@ _MAMBA2 = MixerKind("Mamba2 (state-space) layers", mamba2_forward, _mamba2_units
 _SHORT_CONV = MixerKind("short-convolution layers", short_conv_forward, _no_units)
 
 # Class name -> kind. Each is checked against the unpatched model in tests/test_mixers.py; the
-# Moe/Granite variants are the same code as their base class (transformers' modular copies).
+# Moe/Granite/Lfm3 variants are the same code as their base class (transformers' modular copies).
 MIXERS: dict[str, MixerKind] = {
     "Qwen3NextGatedDeltaNet": _GDN,
     "Qwen3_5GatedDeltaNet": _GDN,
@@ -77,6 +77,7 @@ MIXERS: dict[str, MixerKind] = {
     "GraniteMoeHybridMambaLayer": _MAMBA2,
     "Lfm2ShortConv": _SHORT_CONV,
     "Lfm2MoeShortConv": _SHORT_CONV,
+    "Lfm3ShortConv": _SHORT_CONV,  # LFM2's code (checked at ring 2 by tests/test_families.py)
 }
 
 
@@ -102,41 +103,49 @@ def exact_layer_types(model: torch.nn.Module) -> set[str]:
             break
     if text is None or layer_list is None:
         return set()
-    names = ()
-    for attr in ("layers_block_type", "layer_types"):  # a property on some configs (Bamba)
+    handled: dict[str, bool] = {}
+    for attr in ("layers_block_type", "layer_types"):  # both, when a config has both (vocabularies differ)
         try:
-            names = getattr(text, attr, None) or ()
+            names = getattr(text, attr, None) or ()  # a property on some configs (Bamba)
         except Exception:  # noqa: BLE001 - some configs raise on access of per-layer attributes
             names = ()
-        if names:
-            break
-    handled: dict[str, bool] = {}
-    for kind, layer in zip(names, layer_list):
-        mine = any(type(m).__name__ in MIXERS for m in layer.modules())
-        handled[kind] = handled.get(kind, True) and mine
+        if not isinstance(names, (list, tuple)):
+            continue
+        for kind, layer in zip(names, layer_list):
+            mine = any(type(m).__name__ in MIXERS for m in layer.modules())
+            handled[kind] = handled.get(kind, True) and mine
     return {kind for kind, ok in handled.items() if ok}
 
 
-def install_mixers(model: torch.nn.Module, group=None, *, strategy: str = "auto") -> dict[str, str]:
+def install_mixers(model: torch.nn.Module, group=None, *, strategy: str = "auto",
+                   ulysses_size: int | None = None) -> dict[str, str]:
     """Make every known token mixer of ``model`` exact on the sequence-parallel group (idempotent).
 
     Args:
         model: the model (``apply_ring_attention`` calls this).
-        group: the sp ProcessGroup (or anything with ``sp_group``); None: the default group.
+        group: the sp ProcessGroup (U * C ranks), or a ``RingGroups``; None: the default group.
         strategy: "auto" ("heads" where the mixer has at least as many heads as ranks, else
             "gather"), "heads" or "gather" (see the module docstring).
+        ulysses_size: U, the Ulysses pieces of each ring shard (``sharding.sp_shard_index``); None:
+            the ``RingGroups``' own, or 1 for a plain group.
 
     Returns:
         Module name -> the strategy installed.
 
     Raises:
-        ValueError: an unknown strategy, or "heads" for a mixer with fewer heads than ranks.
+        ValueError: an unknown strategy, "heads" for a mixer with fewer heads than ranks, or a
+            ``ulysses_size`` that does not divide the group's size.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not known; choose one of {STRATEGIES}")
-    remove_mixers(model)
+    if ulysses_size is None:
+        ulysses_size = getattr(group, "ulysses_size", 1)
     group = getattr(group, "sp_group", group)
     size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if ulysses_size < 1 or size % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size} does not divide the sp group's {size} ranks; pass the "
+                         "RingGroups from setup_groups (or its ulysses_size)")
+    remove_mixers(model)
     saved, chosen = [], {}
     for name, module in model.named_modules():
         kind = MIXERS.get(type(module).__name__)
@@ -148,7 +157,7 @@ def install_mixers(model: torch.nn.Module, group=None, *, strategy: str = "auto"
             raise ValueError(f"{name} ({type(module).__name__}) has {units} heads to split over {size} ranks; use "
                              "strategy='gather' (or 'auto') for fewer heads than ranks")
         saved.append((module, module.__dict__.get("forward")))
-        module.forward = types.MethodType(_sharded_forward(module.forward, kind, how, group), module)
+        module.forward = types.MethodType(_sharded_forward(module.forward, kind, how, group, ulysses_size), module)
         chosen[name] = how
     model.__dict__[_SAVED] = saved  # not an nn.Module attribute: no state_dict / module-tree entry
     return chosen
@@ -162,7 +171,7 @@ def remove_mixers(model: torch.nn.Module) -> None:
             module.forward = previous
 
 
-def _sharded_forward(original: Callable, kind: MixerKind, how: str, group) -> Callable:
+def _sharded_forward(original: Callable, kind: MixerKind, how: str, group, ulysses_size: int) -> Callable:
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):  # the mixers' signature
         ctx = kwargs.pop("ring_context", None)
         size = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -187,7 +196,7 @@ def _sharded_forward(original: Callable, kind: MixerKind, how: str, group) -> Ca
                                       "restarting position_ids (shard_batch's ring_documents)")
         bsz, s = hidden_states.shape[:2]
         lay = seq_layout(ctx.layout, ctx.documents, group=group, rank=dist.get_rank(group), size=size,
-                         batch=bsz, local_len=s, device=hidden_states.device)
+                         batch=bsz, local_len=s, device=hidden_states.device, ulysses_size=ulysses_size)
         if how == "heads":
             return kind.forward(self, hidden_states, lay)
         return _gather_forward(original, hidden_states, lay, kwargs)

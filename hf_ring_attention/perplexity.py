@@ -26,10 +26,10 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .integration import patched_ring_size
+from .loss import chunked_causal_lm_loss
 from .sharding import IGNORE_INDEX, shard_batch
 
 # Config attributes that change logits after the LM head; the chunked head here would
@@ -116,8 +116,8 @@ def _check_model(model: torch.nn.Module, ring_size: int) -> tuple[torch.nn.Modul
         raise ValueError(f"ring_size={ring_size} but the model uses attention {config._attn_implementation!r}: "
                          "call hf_ring_attention.apply_ring_attention(model, groups) first")
     if patched is not None and patched != ring_size:
-        raise ValueError(f"the model is patched for a ring of {patched} processes but groups has "
-                         f"ring_size={ring_size}; pass the groups used in apply_ring_attention(model, groups)")
+        raise ValueError(f"the model is patched for {patched} processes per sequence but groups has "
+                         f"sp_size={ring_size}; pass the groups used in apply_ring_attention(model, groups)")
     return decoder, lm_head
 
 
@@ -151,15 +151,12 @@ def _window_nll(decoder: torch.nn.Module, lm_head: torch.nn.Module, batch: dict,
     """Sum of NLL (fp64) and count of this rank's scored targets in one sharded window."""
     hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                      ring_layout=batch["ring_layout"], ring_documents=batch["ring_documents"],
-                     ).last_hidden_state[0]  # (S_local, H)
-    targets = batch["shift_labels"][0]  # (S_local,)
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]  # (T, H), (T,)
-    nll = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for i in range(0, targets.numel(), chunk_size):
-        logits = lm_head(hidden[i:i + chunk_size]).float()  # (c, V): log-softmax in fp32
-        nll += F.cross_entropy(logits, targets[i:i + chunk_size], reduction="sum").double()
-    return nll, targets.numel()
+                     ).last_hidden_state  # (1, S_local, H)
+    targets = batch["shift_labels"]  # (1, S_local)
+    # The training loss's chunked LM head + cross-entropy; a divisor of 1 leaves the sum.
+    nll = chunked_causal_lm_loss(hidden, lm_head.weight, targets, bias=lm_head.bias, num_items_in_batch=1,
+                                 chunk_size=chunk_size)
+    return nll.double(), int((targets != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

@@ -26,10 +26,13 @@ from .comm import RingComm
 from .kernels import Kernel, merge_, select_kernel
 from .plan import LAYOUTS, TILE_ROWS, MaskSpec, Task, step_tasks
 
-# On CPU, full blocks run their backward in pieces of this many query rows: it bounds the
-# kernel's per-call buffers (interleaved runs measured 2048 and 4096 at the same CPU time).
-# On GPU whole blocks run at once: pieces there only re-read K/V and re-reduce dK/dV.
-CPU_BWD_Q_ROWS = 4096
+# On CPU the backward runs every block in calls of at most this many query rows and key rows:
+# each call allocates about two dq-sized buffers (its dq and a scratch) and its dK/dV, so these
+# bound attention's working memory above the accumulators; per-call costs are small against the
+# kernel's own tiling (256 x 512). On GPU whole blocks run at once: pieces there only re-read K/V
+# and re-reduce dK/dV.
+CPU_BWD_Q_ROWS = 1024
+CPU_BWD_KV_ROWS = 2048
 
 # Pass tags carried by every exchange (see comm.py): tag = 3 * pass id + direction.
 FWD_KV, BWD_KV, BWD_DKV = 0, 1, 2
@@ -43,16 +46,22 @@ class RingOptions:
         comm: factory ``comm(group, *, timeout, tag)`` of an object with ``send_recv(tensors, *, step)``
             and ``wait()`` (default ``RingComm``: batched isend/irecv on the group).
         timeout: per-exchange wait; None: the group's own timeout (``setup_groups`` sets one).
-        bwd_q_rows: query rows per backward call of a full block; None: 4096 on CPU, whole blocks on GPU.
+        bwd_q_rows: query rows per backward kernel call; None: 1024 on CPU, whole blocks on GPU.
+        bwd_kv_rows: key rows per backward kernel call (with ``bwd_q_rows``); None: 2048 on CPU, whole
+            blocks on GPU.
         tile_rows: query rows per masked tile (bounds the explicit mask at tile_rows x S_k).
         split_bands: cut masked tiles into causal/full blocks and narrow strips; None: on GPUs only.
+        all_to_all: the Ulysses exchange ``fn(out, x, *, group, timeout)`` (equal splits along dim 0);
+            None: ``torch.distributed.all_to_all_single`` (see ``ulysses.py``).
     """
 
     comm: Callable[..., object] = RingComm
     timeout: timedelta | None = None
     bwd_q_rows: int | None = None
+    bwd_kv_rows: int | None = None
     tile_rows: int = TILE_ROWS
     split_bands: bool | None = None
+    all_to_all: Callable[..., None] | None = None
 
 
 DEFAULT_OPTIONS = RingOptions()
@@ -114,6 +123,40 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingCon
     return out.to(q.dtype), lse
 
 
+def _pieces(t: Task, mask: torch.Tensor | None, q_rows: int | None, kv_rows: int | None) -> list[tuple]:
+    """The backward kernel calls of task ``t``: (query rows, key rows, causal, mask), each within
+    ``q_rows`` x ``kv_rows`` (None: the whole task in one call).
+
+    A causal (diagonal) block's piece of rows [o, o + q_rows) sees the keys before o in full and its
+    own square causally (the kernel's causal mask is top-left aligned). Masked tiles take the
+    matching columns of their mask; a piece whose mask allows nothing is dropped.
+    """
+    if q_rows is None and kv_rows is None:
+        return [(t.q, t.k, t.kind == "causal", mask)]
+    q_rows, kv_rows = q_rows or (t.q.stop - t.q.start), kv_rows or (t.k.stop - t.k.start)
+    calls = []
+    for a in range(t.q.start, t.q.stop, q_rows):
+        qs = slice(a, min(a + q_rows, t.q.stop))
+        if t.kind == "causal":
+            off = t.k.start + a - t.q.start
+            calls += _key_pieces(qs, slice(t.k.start, off), None, kv_rows)
+            calls.append((qs, slice(off, off + qs.stop - qs.start), True, None))
+        else:
+            m = None if mask is None else mask[a - t.q.start:qs.stop - t.q.start]
+            calls += _key_pieces(qs, t.k, m, kv_rows)
+    return calls
+
+
+def _key_pieces(qs: slice, ks: slice, mask: torch.Tensor | None, kv_rows: int) -> list[tuple]:
+    calls = []
+    for b in range(ks.start, ks.stop, kv_rows):
+        e = min(b + kv_rows, ks.stop)
+        m = None if mask is None else mask[:, b - ks.start:e - ks.start]
+        if m is None or bool(m.any()):
+            calls.append((qs, slice(b, e), False, m))
+    return calls
+
+
 def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     """Returns dq, dk, dv in the inputs' dtypes, dk/dv with the kv-head count of k/v."""
     acc = torch.promote_types(q.dtype, torch.float32)
@@ -125,9 +168,9 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
     kv_comm = cfg.comm(BWD_KV) if c > 1 else None
     dkv_comm = cfg.comm(BWD_DKV) if c > 1 else None
     k_dtype, v_dtype = k.dtype, v.dtype
-    piece_rows = cfg.options.bwd_q_rows
-    if piece_rows is None:
-        piece_rows = CPU_BWD_Q_ROWS if q.device.type == "cpu" else None
+    cpu = q.device.type == "cpu"
+    q_rows = cfg.options.bwd_q_rows or (CPU_BWD_Q_ROWS if cpu else None)
+    kv_rows = cfg.options.bwd_kv_rows or (CPU_BWD_KV_ROWS if cpu else None)
     for step in range(c):
         if step + 1 < c:
             nxt = kv_comm.send_recv([k, v], step=step)
@@ -135,16 +178,13 @@ def ring_backward(dout, q, k, v, out, lse, cfg: RingConfig):
             dkv_comm.wait()  # the accumulators of the shard we now hold, from rank r-1
             dk, dv = dkv_recv
         for t in _plan(cfg, step, q):
-            kb, vb, mask = _rows(k, t.k), _rows(v, t.k), t.mask(q.device)
-            pieces = [t.q] if t.kind != "full" or piece_rows is None else [
-                slice(a, min(a + piece_rows, t.q.stop)) for a in range(t.q.start, t.q.stop, piece_rows)]
-            for qs in pieces:
+            for qs, ks, causal, mask in _pieces(t, t.mask(q.device), q_rows, kv_rows):
                 bdq, bdk, bdv = cfg.kernel.backward(
-                    _rows(dout, qs), _rows(q, qs), kb, vb, _rows(out, qs), _rows(lse, qs),
-                    scale=cfg.scale, causal=t.kind == "causal", mask=mask)
+                    _rows(dout, qs), _rows(q, qs), _rows(k, ks), _rows(v, ks), _rows(out, qs), _rows(lse, qs),
+                    scale=cfg.scale, causal=causal, mask=mask)
                 _rows(dq, qs).add_(bdq)
-                _rows(dk, t.k).add_(bdk)
-                _rows(dv, t.k).add_(bdv)
+                _rows(dk, ks).add_(bdk)
+                _rows(dv, ks).add_(bdv)
                 del bdq, bdk, bdv
         if c > 1:
             dkv_recv = dkv_comm.send_recv([dk, dv], step=step)  # on to r+1, who holds this shard next

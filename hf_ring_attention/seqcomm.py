@@ -3,8 +3,8 @@
 A token mixer (recurrence, convolution) needs its tokens in sequence order, while each rank of
 the sp group holds a shard in some layout (zigzag, per-document zigzag, ...). Everything here is
 written against one fact: the global index of every local token of every sp rank
-(``SeqLayout.index``, from ``sharding.shard_index``), so it holds for any layout that function
-describes. All functions are differentiable; the collectives are one ``all_gather`` or one
+(``SeqLayout.index``, from ``sharding.sp_shard_index``), so it holds for any layout that function
+describes, Ulysses x ring splits included. All functions are differentiable; the collectives are one ``all_gather`` or one
 ``all_to_all_single`` per call, and each backward is the transpose (an all-to-all back).
 
 - ``gather_sequence``: every rank gets the whole sequence (B, N, F) in order; backward sums the
@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from .sharding import shard_index
+from .sharding import sp_shard_index
 
 
 @dataclass(frozen=True)
@@ -52,28 +52,39 @@ class SeqLayout:
 
 
 @lru_cache(maxsize=64)
-def _rank_indices(layout: str, size: int, local_len: int, cu_seqlens: tuple[int, ...] | None) -> torch.Tensor:
-    # The only place that knows how ranks hold tokens: when sp ranks gain a Ulysses dimension,
-    # shard_index (sp rank -> global indices) is what changes.
-    return torch.stack([shard_index(layout, r, size, local_len, cu_seqlens) for r in range(size)])  # (size, S)
+def _rank_indices(layout: str, size: int, local_len: int, cu_seqlens: tuple[int, ...] | None,
+                  ulysses_size: int) -> torch.Tensor:
+    # The only place that knows how ranks hold tokens: sp rank -> global indices, with U Ulysses
+    # pieces per ring shard (what shard_batch gives each rank).
+    return torch.stack([sp_shard_index(layout, r, size, local_len, cu_seqlens, ulysses_size=ulysses_size)
+                        for r in range(size)])  # (size, S)
 
 
 def seq_layout(layout: str, documents, *, group, rank: int, size: int, batch: int, local_len: int,
-               device: torch.device) -> SeqLayout:
+               device: torch.device, ulysses_size: int = 1) -> SeqLayout:
     """The ``SeqLayout`` of a forward (no communication).
 
     Args:
         layout: the shard layout ("zigzag", "zigzag_docs", "contiguous").
         documents: per batch row, the global document bounds (0, ..., N) or None (the
             ``ring_context.documents`` of the patched model's forward).
-        group, rank, size: the sequence-parallel group and this rank's place in it.
+        group, rank, size: the sequence-parallel group (U * C ranks) and this rank's place in it
+            (``RingGroups.sp_rank``).
         batch, local_len: B and S_local of this rank's tokens.
+        device: where the index tensors go.
+        ulysses_size: U, the Ulysses pieces per ring shard (``RingGroups.ulysses_size``).
+
+    Returns:
+        The ``SeqLayout``.
+
+    Raises:
+        ValueError: ``ulysses_size`` does not divide ``size``.
     """
     rows = []
     for b in range(batch):
         docs = documents[b] if documents is not None and b < len(documents) else None
         cu = tuple(int(x) for x in docs) if layout == "zigzag_docs" and docs is not None else None
-        rows.append(_rank_indices(layout, size, local_len, cu))
+        rows.append(_rank_indices(layout, size, local_len, cu, ulysses_size))
     index = torch.stack(rows, dim=1)  # (size, B, S)
     flat = index.permute(1, 0, 2).reshape(batch, size * local_len)  # (B, N): global index of each gathered slot
     inverse = torch.empty_like(flat).scatter_(1, flat, torch.arange(size * local_len).expand(batch, -1))

@@ -198,6 +198,54 @@ def reduce_loss_for_logging(loss: torch.Tensor | float, groups=None) -> float:
     return _world_sum(x, groups).item() / world
 
 
+def enable_checkpointing(model, *, offload: bool = False) -> bool:
+    """Transformers' activation checkpointing (non-reentrant), the layer inputs optionally offloaded to host.
+
+    Calls ``model.activation_checkpointing_enable(..., offload=offload)``: transformers keeps each
+    checkpointed layer's inputs in pinned host memory (``torch.autograd.graph.save_on_cpu``) and copies
+    them back for the recompute. The patched model works with it as is: the recompute runs the layer's
+    ring pass again with the same ``ring_context`` (its keyword arguments are kept by the checkpoint).
+
+    On a machine with no accelerator the activations are host memory already, and transformers'
+    offload would fail (it asks for pinned memory, which needs an accelerator): ``offload`` is then
+    ignored and False returned.
+
+    Args:
+        model: a transformers ``PreTrainedModel``.
+        offload: keep the checkpointed layers' inputs in pinned host memory.
+
+    Returns:
+        Whether the inputs are offloaded.
+
+    Raises:
+        NotImplementedError: ``offload=True`` with a transformers version whose
+            ``activation_checkpointing_enable`` has no ``offload`` argument.
+    """
+    import inspect
+
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_params = ()
+    else:
+        enable_params = inspect.signature(enable).parameters
+    offload = offload and _has_accelerator()
+    if offload and "offload" not in enable_params:
+        raise NotImplementedError("activation offload needs transformers' activation_checkpointing_enable("
+                                  "offload=True) (transformers 5.24 has it); upgrade transformers or set offload off")
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs, **({"offload": True} if offload else {}))
+    return offload
+
+
+def _has_accelerator() -> bool:
+    try:
+        return torch.accelerator.current_accelerator() is not None
+    except (AttributeError, RuntimeError):  # torch < 2.6 has no torch.accelerator; 2.6 raises without one
+        return torch.cuda.is_available()
+
+
 def make_accelerator(*, gradient_accumulation_steps: int = 1, mixed_precision: str | None = None,
                      timeout: timedelta | None = None, **kwargs):
     """An ``Accelerator`` set up the way :func:`training_step` relies on.

@@ -200,3 +200,11 @@ def test_incomplete_checkpoint_is_refused(assets, trained, tmp_path):
     with pytest.raises(ValueError, match="overwrite_output_dir=true would delete"):
         example.check_run_dirs(example.TrainConfig(output_dir=str(trained), overwrite_output_dir=True,
                                                    resume_from=str(trained / "checkpoint-2")))
+
+
+def test_activation_offload_needs_checkpointing():
+    example = _example()
+    with pytest.raises(ValueError, match="gradient_checkpointing: true"):
+        example.load_config(["--activation-offload", "true", "--gradient-checkpointing", "false"])
+    config = example.load_config(["--activation-offload", "true", "--gradient-checkpointing", "true"])
+    assert config.activation_offload and config.gradient_checkpointing

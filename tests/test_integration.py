@@ -40,8 +40,10 @@ class _CountingComm(hra.comm.RingComm):
 
 def _ring_step(model, ids, groups, world, ckpt):
     _CountingComm.tags = []
-    hra.apply_ring_attention(model, groups, options=hra.RingOptions(comm=_CountingComm))
-    hra.apply_ring_attention(model, groups, options=hra.RingOptions(comm=_CountingComm))  # idempotent
+    # transformers' own loss: these tests compare logits (tests/test_loss.py covers the chunked loss)
+    options = hra.RingOptions(comm=_CountingComm)
+    hra.apply_ring_attention(model, groups, options=options, loss_chunk_size=None)
+    hra.apply_ring_attention(model, groups, options=options, loss_chunk_size=None)  # idempotent
     if ckpt:
         model.gradient_checkpointing_enable()
     out = model(**hra.shard_batch({"input_ids": ids, "labels": ids}, groups))

@@ -84,8 +84,8 @@ def _errors(rank, world, case, dtype, kernel, chunk, options=None):
 
 
 def _check_all(rank, world, dtype, kernel, chunk, bwd_rows=None):
-    # bwd_rows: exercise the backward's split of full blocks into row pieces
-    options = None if bwd_rows is None else hra.RingOptions(bwd_q_rows=bwd_rows)
+    # bwd_rows = (query rows, key rows): exercise the backward's split of every block into pieces
+    options = None if bwd_rows is None else hra.RingOptions(bwd_q_rows=bwd_rows[0], bwd_kv_rows=bwd_rows[1])
     report = []
     for case in CASES:
         errs, base = _errors(rank, world, case, dtype, kernel, chunk, options)
@@ -100,8 +100,11 @@ def test_fp32_matches_fp64_reference(world):
             assert max(errs) < 2e-5, f"{case}: max |err| of (out, dq, dk, dv) = {errs}"
 
 
-def test_backward_in_row_pieces_is_exact():
-    for rank_report in run_ranks(_check_all, 2, torch.float32, None, 12, 5):
+@pytest.mark.parametrize("rows", [(5, 7), (None, 3)])
+def test_backward_in_row_pieces_is_exact(rows):
+    # Blocks of 12-24 rows cut into pieces of 5 query x 7 key rows, or 3 key rows: causal squares
+    # with full blocks left of them, masked tiles' columns, pieces whose mask allows nothing.
+    for rank_report in run_ranks(_check_all, 2, torch.float32, None, 12, rows):
         for case, errs, _ in rank_report:
             assert max(errs) < 2e-5, f"{case}: {errs}"
 
@@ -148,6 +151,10 @@ def test_local_lengths_that_differ_across_ranks_raise():
     ({"kernel": "triton"}, ((1, 2, 8, 8), (1, 2, 8, 8)), "choose one of"),
     ({"sliding_window": 4, "causal": False}, ((1, 2, 8, 8), (1, 2, 8, 8)), "needs causal=True"),
     ({"cu_seqlens": [0, 5, 3, 8]}, ((1, 2, 8, 8), (1, 2, 8, 8)), "increase strictly"),
+    # floats would truncate silently (1.7 -> 1); one set of boundaries is 1-D
+    ({"cu_seqlens": torch.tensor([0.0, 1.7, 8.0])}, ((1, 2, 8, 8), (1, 2, 8, 8)), r"1-D torch.float32 tensor of shape \(3,\)"),
+    ({"cu_seqlens": torch.tensor([[0, 4, 8]])}, ((1, 2, 8, 8), (1, 2, 8, 8)), r"2-D torch.int64 tensor of shape \(1, 3\)"),
+    ({"cu_seqlens": [0, 1.7, 8]}, ((1, 2, 8, 8), (1, 2, 8, 8)), "must hold ints.*1.7"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, args, match):
     qs, ks = args

@@ -4,12 +4,17 @@ same update as one process running the unpatched model on the same global batch.
 Worlds: ring 2 (2 processes) and dp 2 x ring 2 (4 processes). Per world, one spawn runs every
 case for two optimizer steps (a linear-warmup scheduler changes the lr between them, so a
 scheduler stepped more than once per step is caught):
-- SGD, no accumulation, rows of 30 tokens (not a multiple of 2 * ring: shard_batch pads);
-- SGD, accumulation 2, packed documents (position ids restart), Mistral with sliding window 12;
-- AdamW (weight decay, betas), accumulation 2, packed documents, 30 tokens;
-- bf16 mixed precision (accelerate's autocast), SGD, accumulation 2;
+- SGD, no accumulation, rows of 30 tokens (not a multiple of 2 * ring: shard_batch pads),
+  transformers' own loss (loss_chunk_size=None: full logits);
+- SGD, accumulation 2, packed documents (position ids restart), Mistral with sliding window 12,
+  tied embeddings, the chunked loss in chunks of 7 rows (not dividing S_local);
+- AdamW (weight decay, betas), accumulation 2, packed documents, 30 tokens, the default chunked
+  loss (one chunk: 4096 > S_local);
+- bf16 mixed precision (accelerate's autocast around the patched forward), SGD, accumulation 2,
+  chunks of 5 rows;
 - FSDP2 (torch's fully_shard per decoder layer + root, over all W ranks) instead of DDP, SGD,
-  accumulation 2, packed documents. accelerate 1.15 enables FSDP only on GPU processes (on CPU
+  accumulation 2, packed documents, tied embeddings, chunks of 7 rows (the LM head's weight is
+  the root's, unsharded while the loss runs). accelerate 1.15 enables FSDP only on GPU processes (on CPU
   it silently uses DDP), so this case shards the model with torch directly and drives it with
   the same make_accelerator + training_step; FSDP's reduce-scatter averages over W ranks like
   DDP's all-reduce, which is what the loss scaling assumes.
@@ -42,12 +47,12 @@ from models import tiny_model
 
 EOS = 1
 ROWS_PER_BATCH = 2
-CASES = {  # name: (family, optimizer, accumulation, precision, documents, seq_len, wrapper)
-    "sgd": ("llama", "sgd", 1, "no", False, 30, "ddp"),
-    "sgd_accum2_docs": ("mistral", "sgd", 2, "no", True, 32, "ddp"),
-    "adamw_accum2_docs": ("llama", "adamw", 2, "no", True, 30, "ddp"),
-    "bf16_sgd_accum2": ("llama", "sgd", 2, "bf16", False, 32, "ddp"),
-    "fsdp2_sgd_accum2_docs": ("llama", "sgd", 2, "no", True, 30, "fsdp2"),
+CASES = {  # name: (family, optimizer, accumulation, precision, documents, seq_len, wrapper, loss_chunk_size, tied)
+    "sgd": ("llama", "sgd", 1, "no", False, 30, "ddp", None, False),
+    "sgd_accum2_docs": ("mistral", "sgd", 2, "no", True, 32, "ddp", 7, True),
+    "adamw_accum2_docs": ("llama", "adamw", 2, "no", True, 30, "ddp", 4096, False),
+    "bf16_sgd_accum2": ("llama", "sgd", 2, "bf16", False, 32, "ddp", 5, False),
+    "fsdp2_sgd_accum2_docs": ("llama", "sgd", 2, "no", True, 30, "fsdp2", 7, True),
 }
 
 
@@ -95,17 +100,17 @@ def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def _run_case(world, ring, case, groups):
     from accelerate.state import AcceleratorState, GradientState
 
-    family, opt_name, accum, precision, documents, seq_len, wrapper = case
+    family, opt_name, accum, precision, documents, seq_len, wrapper, chunk, tied = case
     AcceleratorState._reset_state()  # a new mixed precision / accumulation in the same process
     GradientState._reset_state()
     accelerator = make_accelerator(gradient_accumulation_steps=accum, mixed_precision=precision)
-    model = tiny_model(family).train()
+    model = tiny_model(family, tie_word_embeddings=tied).train()
     init = [p.detach().clone() for p in model.parameters()]
     refs = {name: copy.deepcopy(model) for name in (("fp32", "bf16") if precision == "bf16" else ("fp32",))}
     ref_opts = {n: _optimizer(m, opt_name) for n, m in refs.items()}
     ref_scheds = {n: _scheduler(o) for n, o in ref_opts.items()}
 
-    hra.apply_ring_attention(model, groups)
+    hra.apply_ring_attention(model, groups, loss_chunk_size=chunk)
     if wrapper == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
