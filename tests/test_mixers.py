@@ -7,7 +7,10 @@ parameter gradient (mean of the ranks' gradients, as DDP computes; see test_inte
 Cases: the default strategy (head-parallel / halo) on a length that is not a multiple of 2C,
 the same under gradient checkpointing, the generic "gather" strategy, and packed documents
 (two rows packed differently, documents shorter than a zigzag chunk), sharded per document
-(zigzag_docs) and with the plain zigzag.
+(zigzag_docs) and with the plain zigzag. Ulysses: 2 processes as setup_groups(1, ulysses_size=2)
+(each rank holds a contiguous half, not the zigzag chunks of ring 2), one family per mixer kind,
+default and packed cases. The models use transformers' loss and logits
+(apply_ring_attention(loss_chunk_size=None)) so that the logits can be compared.
 
 Packed rows: these mixers do not reset their state at document starts (transformers' torch
 paths ignore position_ids there), so the reference is the unpatched model on the same packed
@@ -34,6 +37,7 @@ from hf_ring_attention import mixers
 from models import HYBRIDS, tiny_hybrid, tiny_model, token_batch
 
 TOL = 2e-5
+ULYSSES = ("qwen3_next", "lfm2", "bamba")  # one family per mixer kind (delta-net, halo conv, Mamba2)
 CASES = ("default", "checkpointing", "gather", "packed_docs", "packed_zigzag")
 HEADS_ONLY = ("qwen3_5",)  # same delta-net core as qwen3_next: one case is enough
 # GraniteMoeHybrid builds its attention mask without position_ids: unpatched, it attends across
@@ -66,7 +70,8 @@ def _packed_rows(world):
     return torch.stack([torch.cat([torch.arange(2 * world * k) for k in lens]) for lens in units])
 
 
-def _case(family, case, world, groups):
+def _case(family, case, groups):
+    world = groups.sp_size  # U * C ranks share each sequence
     packed = case.startswith("packed")
     # Unpacked: a length that is not a multiple of 2C (shard_batch pads the end; compare the real
     # tokens). Packed: document lengths that are multiples of 2C, so the ring holds the user's row
@@ -76,8 +81,9 @@ def _case(family, case, world, groups):
     pos = _packed_rows(world) if packed else torch.arange(n)[None].expand(2, -1)
     batch = hra.shard_batch({"input_ids": ids, "labels": ids, "position_ids": pos}, groups,
                             balance_documents=case != "packed_zigzag")
-    assert batch["ring_layout"] == ("zigzag_docs" if case == "packed_docs" else "zigzag")
-    model = hra.apply_ring_attention(tiny_hybrid(family).train(), groups)
+    # Per-document zigzag needs a ring (C > 1); Ulysses alone keeps the row's order (contiguous pieces).
+    assert batch["ring_layout"] == ("zigzag_docs" if case == "packed_docs" and groups.ring_size > 1 else "zigzag")
+    model = hra.apply_ring_attention(tiny_hybrid(family).train(), groups, loss_chunk_size=None)
     chosen = mixers.install_mixers(model, groups, strategy="gather" if case == "gather" else "auto")
     if case == "checkpointing":
         model.gradient_checkpointing_enable()
@@ -87,9 +93,7 @@ def _case(family, case, world, groups):
     dist.all_reduce(loss, group=groups.sp_group)
     grads = _grads(model)
     dist.all_reduce(grads, group=groups.sp_group)
-    docs = batch["ring_documents"] if case == "packed_docs" else [None, None]
-    logits = torch.cat([hra.zigzag_unshard(out.logits[r:r + 1].detach(), dim=1, group=groups.sp_group,
-                                           cu_seqlens=d) for r, d in enumerate(docs)])[:, :n]
+    logits = hra.gather_sequence(out.logits.detach(), batch, groups)[:, :n]  # any layout, any U x C
     ref_loss, ref_logits, ref_grads = _reference(family, ids, pos, hra.shift_labels(ids, pos))
     errs = (abs(loss.item() / world - ref_loss.item()) / ref_loss.item(), _rel(logits, ref_logits),
             _rel(grads / world, ref_grads))
@@ -117,9 +121,15 @@ def _refusals(groups):
 
 def _all_cases(rank, world, families):
     groups = hra.setup_groups(world)
-    results = {(f, c): _case(f, c, world, groups) for f in families
+    results = {(f, c): _case(f, c, groups) for f in families
                for c in (CASES[:1] if f in HEADS_ONLY else CASES[:3] if f in NOT_PACKED else CASES)}
     return results, (_refusals(groups) if world == 3 else None)
+
+
+def _ulysses_cases(rank, world, families):
+    groups = hra.setup_groups(1, ulysses_size=world)
+    assert (groups.sp_size, groups.ulysses_size, groups.ring_size) == (world, world, 1)
+    return {(f, c): _case(f, c, groups) for f in families for c in ("default", "packed_docs")}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -132,6 +142,14 @@ def test_hybrid_models_match_unpatched(world):
         assert "gated delta-net" in refusals["seq_idx"] and "position_ids" in refusals["seq_idx"], refusals
         assert refusals["auto"] == ["gather"], refusals  # fewer heads than ranks: the generic strategy
         assert "2 heads to split over 3 ranks" in refusals["heads"] and "gather" in refusals["heads"], refusals
+
+
+def test_hybrid_models_match_unpatched_ulysses():
+    """U = 2, C = 1: the mixers find each rank's tokens with sp_shard_index(ulysses_size=U)."""
+    results = run_ranks(_ulysses_cases, 2, ULYSSES, timeout=600)[0]
+    for (family, case), (errs, strategies) in results.items():
+        assert max(errs) < TOL, f"{family} {case} Ulysses 2: relative errors (loss, logits, grads) = {errs}"
+        assert strategies == ["heads"], (family, case, strategies)
 
 
 @pytest.mark.parametrize("family", HYBRIDS)
