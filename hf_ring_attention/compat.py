@@ -28,8 +28,8 @@ from .mixers import MIXERS, exact_layer_types
 
 # What to do instead, by kind of feature.
 _MIXES = ("it mixes tokens outside attention, so each rank would mix only its own shard; not supported yet "
-          "(it needs the whole sequence per head / channel: an all-to-all, see DESIGN.md 'Token-mixing "
-          "layers'); run the model unpatched")
+          "(hf_ring_attention.mixers makes only gated delta-net, Mamba2 and LFM2 short convolutions exact: "
+          "add the class to mixers.MIXERS with an exact sharded forward); run the model unpatched")
 _UNPATCHED = "not supported yet; run the model unpatched (without apply_ring_attention)"
 _CAUSAL = "ring attention is causal self-attention only; run the model unpatched"
 

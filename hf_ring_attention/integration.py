@@ -387,7 +387,8 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None, det
     Raises:
         ValueError: a bad loss_chunk_size or loss_impl.
         NotImplementedError: models the ring would compute wrongly (see ``compat.check_model``: token
-            mixers outside attention, local positions, sinks, chunked or bidirectional attention, ...)
+            mixers outside attention other than those ``mixers.install_mixers`` makes exact (it is
+            called here), local positions, sinks, chunked or bidirectional attention, ...)
             or that cannot switch attention; an LM head or loss the chunked loss cannot reproduce
             (pass loss_chunk_size=None); the model is left unpatched.
     """
