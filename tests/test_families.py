@@ -77,7 +77,7 @@ def _one(name: str, ids: torch.Tensor, groups, ring: int, checked: bool) -> dict
     if not checked:
         hra.integration.check_model = lambda model: None
     try:
-        hra.apply_ring_attention(model, groups)
+        hra.apply_ring_attention(model, groups, loss_chunk_size=None)  # transformers' logits, to compare
     except NotImplementedError as e:
         whats = [what for what, _ in hra.compat.unsupported_features(model)] or [str(e).splitlines()[0]]
         bad = _unpatched(model, before, ids, ref.logits)
