@@ -9,8 +9,12 @@ shard), so ``apply_ring_attention`` refuses it with ``NotImplementedError`` nami
 
 Features are found in the config (layer types, feature flags) AND in the module tree (class
 names of token mixers, convolutions, sink parameters, bidirectional modules), so a family not
-known by name is still caught by what it contains. ``tests/test_families.py`` sweeps every
-installed causal-LM family against the unpatched model; its table is ``docs/families.md``.
+known by name is still caught by what it contains. Token mixers that ``hf_ring_attention.mixers``
+makes exact (``mixers.MIXERS``: gated delta-net, Mamba2, LFM2's short convolutions) are not
+features: their modules (and everything inside them) and the config layer types whose every layer
+holds one (``mixers.exact_layer_types``) are skipped, so only the other mixers are refused.
+``tests/test_families.py`` sweeps every installed causal-LM family against the unpatched model;
+its table is ``docs/families.md``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import re
 
 import torch
 
+from .mixers import MIXERS, exact_layer_types
+
 # What to do instead, by kind of feature.
 _MIXES = ("it mixes tokens outside attention, so each rank would mix only its own shard; not supported yet "
-          "(it needs the whole sequence per head / channel: an all-to-all, see DESIGN.md 'Token-mixing "
-          "layers'); run the model unpatched")
+          "(hf_ring_attention.mixers makes only gated delta-net, Mamba2 and LFM2 short convolutions exact: "
+          "add the class to mixers.MIXERS with an exact sharded forward); run the model unpatched")
 _UNPATCHED = "not supported yet; run the model unpatched (without apply_ring_attention)"
 _CAUSAL = "ring attention is causal self-attention only; run the model unpatched"
 
@@ -70,7 +76,8 @@ def unsupported_features(model: torch.nn.Module) -> list[tuple[str, str]]:
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     configs = {id(c): c for c in (config, text) if c is not None}.values()
-    for what, where, fix in (*(f for c in configs for f in _config_features(c)), *_module_features(model),
+    exact = exact_layer_types(model)  # layer types whose mixers install_mixers makes exact
+    for what, where, fix in (*(f for c in configs for f in _config_features(c, exact)), *_module_features(model),
                              *_position_features(model)):
         wheres, _ = found.setdefault(what, ([], fix))
         example = where.startswith("e.g.")
@@ -131,11 +138,11 @@ def _layer_types(cfg) -> list[str]:
     return types
 
 
-def _config_features(cfg):
-    """(what, where, fix) for the features a config declares."""
+def _config_features(cfg, exact_types: set[str] = frozenset()):
+    """(what, where, fix) for the features a config declares (layer types in ``exact_types`` are exact)."""
     g = vars(cfg).get  # raw values: no per-layer access errors
     types = set(_layer_types(cfg))
-    for t in sorted(types - _EXACT_LAYER_TYPES):
+    for t in sorted(types - _EXACT_LAYER_TYPES - exact_types):
         what, fix = _LAYER_TYPES.get(t, (f"layers of type {t!r}, not known to be exact on the ring", _MIXES))
         yield what, f"layer_types {t!r}", fix
     if g("attention_chunk_size") is not None and not types:
@@ -157,12 +164,16 @@ def _config_features(cfg):
 
 
 def _module_features(model):
-    """(what, where, fix) for the first module of each feature (nothing from inside a module found)."""
+    """(what, where, fix) for the first module of each feature (nothing from inside a module found, nor
+    from inside a mixer ``install_mixers`` makes exact: its own Conv1d is part of it)."""
     from transformers import PreTrainedModel
 
     inside = ()
     for name, module in model.named_modules():
         if name.startswith(inside) or isinstance(module, PreTrainedModel):  # their names are the family's
+            continue
+        if type(module).__name__ in MIXERS:
+            inside = (*inside, name + ".")
             continue
         found = _module_feature(name, module)
         if found is not None:

@@ -28,6 +28,7 @@ from .agreement import agree, dtype_code
 from .compat import check_model, match_head_dims
 from .loss import check_chunk_size, check_impl
 from .loss_patch import check_model as check_loss_model, install_chunked_loss, remove_chunked_loss
+from .mixers import install_mixers, remove_mixers
 from .ring import LAYOUTS, RingOptions, make_config, run_ring
 from .sharding import gather_shards, zigzag_unshard
 from .ulysses import UlyssesConfig, head_split, run_hybrid
@@ -386,7 +387,8 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None, det
     Raises:
         ValueError: a bad loss_chunk_size or loss_impl.
         NotImplementedError: models the ring would compute wrongly (see ``compat.check_model``: token
-            mixers outside attention, local positions, sinks, chunked or bidirectional attention, ...)
+            mixers outside attention other than those ``mixers.install_mixers`` makes exact (it is
+            called here), local positions, sinks, chunked or bidirectional attention, ...)
             or that cannot switch attention; an LM head or loss the chunked loss cannot reproduce
             (pass loss_chunk_size=None); the model is left unpatched.
     """
@@ -421,6 +423,8 @@ def apply_ring_attention(model: torch.nn.Module, group=None, *, kernel=None, det
     for m in model.modules():
         setattr(m, _STATE_ATTR, state)
     install_chunked_loss(model, loss_chunk_size, impl=loss_impl)  # None removes it
+    # Recurrences / convolutions outside attention (hf_ring_attention.mixers), over the sp group.
+    install_mixers(model, state.group, ulysses_size=state.ulysses_size)
     return model
 
 
@@ -440,6 +444,7 @@ def remove_ring_attention(model: torch.nn.Module) -> torch.nn.Module:
     previous, use_cache, hooks = saved
     for h in hooks:
         h.remove()
+    remove_mixers(model)
     model.set_attn_implementation(previous)
     model.config.use_cache = use_cache
     for m in model.modules():

@@ -16,9 +16,8 @@ from models import token_batch
 
 
 @pytest.mark.parametrize("family, features", [
-    ("qwen3_next", ["gated delta-net", "layer_types 'linear_attention'"]),
-    ("lfm2", ["short-convolution", "Lfm2ShortConv"]),
-    ("jamba", ["Mamba"]), ("bamba", ["state-space"]), ("granitemoehybrid", ["Mamba"]),
+    ("jamba", ["Mamba", "layer_types 'mamba'"]), ("falcon_h1", ["state-space", "FalconH1Mixer"]),
+    ("nemotron_h", ["Mamba", "NemotronHMamba2Mixer"]), ("kimi_linear", ["gated delta-net", "KimiLinearDeltaAttention"]),
     ("minimax", ["lightning"]), ("recurrent_gemma", ["RG-LRU"]), ("rwkv", ["RWKV"]),
     ("llama4_text", ["chunked attention", "temperature tuning"]),
     ("deepseek_v32", ["indexer"]), ("gpt_oss", ["attention sinks", "s_aux"]),
@@ -38,6 +37,25 @@ def test_refusal_names_feature_and_fix_and_leaves_model_unpatched(family, featur
     assert not model._forward_pre_hooks and not any(hasattr(m, "_hf_ring_state") for m in model.modules())
     hra.remove_ring_attention(model)  # a no-op
     assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "qwen3_5_text", "lfm2", "lfm2_moe", "bamba", "granitemoehybrid"])
+def test_mixers_made_exact_are_not_refused(family):
+    """The mixers hf_ring_attention.mixers makes exact (tests/test_mixers.py), their Conv1d and layer types."""
+    assert hra.compat.unsupported_features(tiny_family_model(family)) == []
+
+
+def test_exact_mixer_does_not_hide_other_features():
+    """Skipping a handled mixer skips only it: an unhandled feature beside it is still refused."""
+    model = tiny_family_model("lfm2")
+    model.config.attn_logit_softcapping = 30.0
+    model.model.layers[0].extra = torch.nn.Conv1d(4, 4, 3)  # a convolution outside the handled mixer
+    whats = [what for what, _ in hra.compat.unsupported_features(model)]
+    assert any("softcapping" in w for w in whats) and any("Conv1d" in w and "layers.0.extra" in w for w in whats), \
+        whats
+    model.model.layers[0].conv = torch.nn.Identity()  # a 'conv' layer without its mixer: the type is refused
+    whats = [what for what, _ in hra.compat.unsupported_features(model)]
+    assert any("layer_types 'conv'" in w for w in whats), whats
 
 
 def test_encoders_and_vision_towers_refused_as_bidirectional():

@@ -5,13 +5,15 @@ tests/family_models.py) a tiny random fp32 model runs unpatched on the full sequ
 on zigzag shards at ring 2 (two gloo processes; every family in one spawn). Each one must end as:
 - exact: logits and loss within 2e-5 relative of the unpatched model. Both sides are fp32 and
   differ only in summation order (we measure <= 1e-6); a token mixer that sees only its shard or
-  a position counted locally moves them by 1e-4 (short convolutions) to 1 (positions);
+  a position counted locally moves them by 1e-4 (short convolutions) to 1 (positions). The token
+  mixers ``hf_ring_attention.mixers`` makes exact (gated delta-net, Mamba2, LFM2's short
+  convolutions) are in this group: qwen3_next, qwen3_5, lfm2, bamba, granitemoehybrid, ...;
 - refused: ``apply_ring_attention`` raises NotImplementedError naming the feature, and the model
   is left unpatched (attention implementation, hooks, outputs as before);
 - skipped: not a text decoder (``family_models.NOT_TEXT_DECODERS``), by name with the reason.
 Silently wrong, any other error, or a refusal that comes only during the forward fails the test.
-Controls run lfm2 and llama4_text with ``check_model`` disabled: they must come out wrong, so the
-comparison can fail. Ring 3 runs a handful of representative families.
+Controls run jamba (Mamba1 mixers, still refused) and llama4_text with ``check_model`` disabled:
+they must come out wrong, so the comparison can fail. Ring 3 runs a handful of representative families.
 
 Run: python -m pytest -q tests/test_families.py   (about 3 minutes on 2 shared cores)
 Regenerate docs/families.md: HRA_WRITE_FAMILIES_DOC=1 python -m pytest -q tests/test_families.py -k ring2
@@ -32,7 +34,10 @@ from family_models import NOT_TEXT_DECODERS, VARIANTS, VOCAB, tiny_family_model
 from models import token_batch
 
 TOL = 2e-5
-CONTROLS = ("lfm2", "llama4_text")  # run with check_model disabled: must come out "wrong"
+CONTROLS = ("jamba", "llama4_text")  # run with check_model disabled: must come out "wrong"
+# Families whose token mixers install_mixers makes exact (hf_ring_attention.mixers.MIXERS).
+MIXER_FAMILIES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "lfm2", "lfm2_moe", "lfm3", "bamba",
+                  "granitemoehybrid")
 RING3 = ("llama", "mistral", "qwen2 (mixed sliding layers)", "gemma3_text", "deepseek_v3")
 DOC = Path(__file__).resolve().parent.parent / "docs" / "families.md"
 
@@ -72,7 +77,7 @@ def _one(name: str, ids: torch.Tensor, groups, ring: int, checked: bool) -> dict
     if not checked:
         hra.integration.check_model = lambda model: None
     try:
-        hra.apply_ring_attention(model, groups)
+        hra.apply_ring_attention(model, groups, loss_chunk_size=None)  # transformers' logits, to compare
     except NotImplementedError as e:
         whats = [what for what, _ in hra.compat.unsupported_features(model)] or [str(e).splitlines()[0]]
         bad = _unpatched(model, before, ids, ref.logits)
@@ -132,10 +137,11 @@ def test_every_family_exact_or_refused_ring2():
     for name in CONTROLS:  # the comparison catches a model the check lets through
         assert results[f"control: {name} unchecked"]["kind"] == "wrong", results[f"control: {name} unchecked"]
     # Families the project promises, and the silently-wrong families that started this sweep.
-    for name in ("llama", "mistral", "qwen2 (mixed sliding layers)", "gemma3_text", "deepseek_v3", "qwen3"):
+    for name in ("llama", "mistral", "qwen2 (mixed sliding layers)", "gemma3_text", "deepseek_v3", "qwen3",
+                 *MIXER_FAMILIES):
         assert results[name]["kind"] == "exact", (name, results[name])
-    for name, feature in [("qwen3_next", "gated delta-net"), ("lfm2", "short-convolution"), ("jamba", "Mamba"),
-                          ("bamba", "state-space"), ("granitemoehybrid", "Mamba"), ("minimax", "lightning"),
+    for name, feature in [("jamba", "Mamba"), ("falcon_h1", "state-space"), ("nemotron_h", "Mamba"),
+                          ("kimi_linear", "gated delta-net"), ("minimax", "lightning"),
                           ("llama4_text", "chunked attention"), ("gpt_oss", "attention sinks")]:
         assert results[name]["kind"] == "refused" and feature in results[name]["detail"], (name, results[name])
 
