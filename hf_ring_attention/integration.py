@@ -60,6 +60,8 @@ class RingForward:
         max_position: the largest position id over the ring (what an unsharded dynamic RoPE sees).
         ulysses_size: U; this rank's tokens are ``sharding.sp_shard_index(layout, sp_rank, U * C, S_local,
             documents[b] (zigzag_docs only), ulysses_size=U)``.
+        padding_between_documents: ``shard_batch`` padded a document that another follows (token
+            mixers outside attention would carry the padding into the next document: they refuse).
     """
 
     layout: str
@@ -67,6 +69,7 @@ class RingForward:
     length: int
     max_position: int
     ulysses_size: int = 1
+    padding_between_documents: bool = False
 
 
 @dataclass
@@ -255,6 +258,7 @@ def _forward_signature(model, kwargs: dict, ids_shape, state: RingState) -> dict
     return {"batch and local length (B, S_local)": tuple(ids_shape[:2]) if ids_shape else (),
             "dtype": dtype_code(dtype), "ulysses x ring size": (state.ulysses_size, state.ring_size),
             "ring_layout": kwargs.get("ring_layout"), "ring_documents": kwargs.get("ring_documents"),
+            "ring_padding_between_documents": kwargs.get("ring_padding_between_documents"),
             "model config": tuple(_stable_repr(getattr(text, f, None)) for f in _CONFIG_FIELDS),
             "training mode": int(model.training), "gradients enabled": int(torch.is_grad_enabled())}
 
@@ -320,7 +324,8 @@ def _before_forward(model, args, kwargs):
         docs = (None,) * b
     if layout == "zigzag_docs":  # one document per row is the plain zigzag: the planner wants it as bounds
         docs = tuple(d if d is not None else (0, total) for d in docs)
-    ctx = RingForward(layout, docs, total, max_position, state.ulysses_size)
+    between = any(kwargs.pop("ring_padding_between_documents", None) or ())
+    ctx = RingForward(layout, docs, total, max_position, state.ulysses_size, between)
     state.forward = ctx
     kwargs["ring_context"] = ctx
     return args, kwargs

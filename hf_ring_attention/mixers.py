@@ -194,6 +194,13 @@ def _sharded_forward(original: Callable, kind: MixerKind, how: str, group, ulyss
             raise NotImplementedError(f"{name} ({kind.feature}) on a sharded sequence does not take {docs}: "
                                       "those are positions in the local shard. Pass packed documents as "
                                       "restarting position_ids (shard_batch's ring_documents)")
+        if ctx.padding_between_documents:
+            raise NotImplementedError(f"{name} ({kind.feature}) carries its state from one packed document into "
+                                      "the next, and shard_batch padded a document to a multiple of 2 x ring_size "
+                                      "before the next one: the padding would enter the next document's state. "
+                                      "Call shard_batch(..., balance_documents=False) (plain zigzag, padding at the "
+                                      "end of the row only), or pack documents whose lengths are multiples of "
+                                      "2 x ring_size")
         bsz, s = hidden_states.shape[:2]
         lay = seq_layout(ctx.layout, ctx.documents, group=group, rank=dist.get_rank(group), size=size,
                          batch=bsz, local_len=s, device=hidden_states.device, ulysses_size=ulysses_size)

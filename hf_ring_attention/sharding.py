@@ -218,7 +218,9 @@ def shard_batch(batch: dict, groups=None, *, num_items_in_batch: float | torch.T
         A dict for ``model(**batch)``: ``input_ids``, ``position_ids`` (global positions of this
         rank's tokens, for RoPE; padding repeats the last real position, so the largest position is
         a real one), ``ring_layout`` (``"zigzag"`` or ``"zigzag_docs"``), ``ring_documents`` (per row,
-        the global document boundaries of the padded row, ``(0, ..., N_padded)``) and, with labels,
+        the global document boundaries of the padded row, ``(0, ..., N_padded)``), for ``zigzag_docs``
+        ``ring_padding_between_documents`` (per row: whether padding sits between two documents, which
+        token mixers outside attention refuse) and, with labels,
         ``labels`` and ``shift_labels`` (the shifted, sharded targets) and ``num_items_in_batch``.
 
     Raises:
@@ -360,6 +362,10 @@ def _pad_documents(ids, pos, target, multiple: int, pad_token_id: int, row_multi
 def _shard_documents(ids, pos, target, ring: int, rank: int, uly: int, piece: int, pad_token_id) -> dict:
     # Documents padded to 2C (per-document zigzag over the ring); the row to 2C * U with a padding
     # document (a multiple of 2C itself), so every ring shard splits into U equal pieces.
+    cuts = [_row_documents(p) for p in pos]  # before padding
+    # Padding between documents (a document before the row's last one not a multiple of 2C): harmless
+    # to attention (no document sees another's tokens) but not to a recurrence carried across documents.
+    between = tuple(any((b - a) % (2 * ring) for a, b in zip(cut[:-2], cut[1:-1])) for cut in cuts)
     ids, pos, target, bounds = _pad_documents(ids, pos, target, 2 * ring, pad_token_id, 2 * ring * uly)
 
     def shard(x):
@@ -368,7 +374,7 @@ def _shard_documents(ids, pos, target, ring: int, rank: int, uly: int, piece: in
         return rows if uly == 1 else rows.chunk(uly, dim=1)[piece].contiguous()
 
     out = {"input_ids": shard(ids), "position_ids": shard(pos), "ring_layout": "zigzag_docs",
-           "ring_documents": tuple(bounds)}
+           "ring_documents": tuple(bounds), "ring_padding_between_documents": between}
     if target is not None:
         local = shard(target)
         out.update(labels=local, shift_labels=local)

@@ -17,7 +17,8 @@ paths ignore position_ids there), so the reference is the unpatched model on the
 row. Documents are multiples of 2C long: for other lengths shard_batch(balance_documents=True)
 pads each document, and a mixer that does not reset carries those pad tokens into the next
 document, which the unpatched model on the user's row never sees (pass balance_documents=False
-for such models; then only the end is padded, which no real token sees).
+for such models; then only the end is padded, which no real token sees). A patched mixer refuses
+the padded layout by name (every rank: the flag is part of the forward's agreement).
 
 Tolerance 2e-5 relative, as in test_integration: fp32 on both sides with other summation orders
 (head subsets, convolutions over runs); we measure <= 1e-6, while a mixer that sees the wrong
@@ -109,6 +110,14 @@ def _refusals(groups):
         model(**batch, seq_idx=torch.zeros(1, 4, dtype=torch.int32))
     except NotImplementedError as e:
         out["seq_idx"] = str(e)
+    # Packed documents of 5 and 7 tokens at ring 3: shard_batch pads the first to 6, between the two.
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    batch = hra.shard_batch({"input_ids": token_batch(12, batch=1), "position_ids": pos}, groups)
+    assert batch["ring_padding_between_documents"] == (True,)
+    try:
+        model(**batch)
+    except NotImplementedError as e:
+        out["padding"] = str(e)
     few = tiny_hybrid("granitemoehybrid", mamba_n_heads=2, mamba_d_head=48)  # 2 heads < 3 ranks
     hra.apply_ring_attention(few, groups)
     out["auto"] = sorted(set(mixers.install_mixers(few, groups).values()))
@@ -140,6 +149,7 @@ def test_hybrid_models_match_unpatched(world):
         assert strategies == (["gather"] if case == "gather" else ["heads"]), (family, case, strategies)
     if refusals is not None:
         assert "gated delta-net" in refusals["seq_idx"] and "position_ids" in refusals["seq_idx"], refusals
+        assert "balance_documents=False" in refusals.get("padding", ""), refusals  # not silently wrong
         assert refusals["auto"] == ["gather"], refusals  # fewer heads than ranks: the generic strategy
         assert "2 heads to split over 3 ranks" in refusals["heads"] and "gather" in refusals["heads"], refusals
 
