@@ -54,6 +54,40 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def _chunk(hidden, targets, rows, w, b, scale, softcap, dtype, dh, dw, db) -> torch.Tensor:
+    """Summed CE (fp64) of ``rows``; adds their gradients into dh / dw / db (those not None)."""
+    h = hidden.index_select(0, rows).to(dtype)  # (c, H)
+    y = targets.index_select(0, rows).unsqueeze(1)  # (c, 1)
+    z = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()  # (c, V) logits, fp32 as HF
+    tanh = None
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is not None:  # Gemma 2/3: cap * tanh(z / cap)
+        tanh = z.div_(softcap).tanh_()
+        z = tanh * softcap
+    picked = z.gather(1, y).squeeze(1)  # (c,) target logits
+    top = z.amax(dim=1, keepdim=True)  # (c, 1)
+    probs = z.sub_(top).exp_()  # (c, V) in place: exp(z - max)
+    norm = probs.sum(dim=1, keepdim=True)  # (c, 1)
+    nll = (top.squeeze(1) + norm.log().squeeze(1) - picked).sum(dtype=torch.float64)
+    if dh is None and dw is None and db is None:
+        return nll
+    dz = probs.div_(norm)  # softmax, then d(CE)/dz = softmax - onehot
+    dz.scatter_add_(1, y, torch.full_like(picked, -1.0).unsqueeze(1))
+    if tanh is not None:
+        dz.mul_(tanh.square_().neg_().add_(1.0))  # d(cap tanh(z/cap))/dz = 1 - tanh^2
+    if scale != 1.0:
+        dz.mul_(scale)
+    if db is not None:
+        db += dz.sum(dim=0)
+    g = dz.to(dtype)  # (c, V): the backward matmuls run in the forward's dtype, as autograd's would
+    if dh is not None:
+        dh.index_copy_(0, rows, (g @ w).to(dh.dtype))
+    if dw is not None:
+        _addmm_fp32(dw, g.t(), h)
+    return nll
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum over valid rows of CE(f(h W^T + b), y), f = softcap(scale * z); gradients made in forward.
 
@@ -64,7 +98,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_size, scale, softcap, dtype, needs):
         need_h, need_w, need_b = needs
-        grads = need_h or need_w or need_b
         rows_all = torch.nonzero(targets != IGNORE_INDEX).flatten()  # (T,) valid rows only
         dh = torch.zeros_like(hidden) if need_h else None  # (N, H)
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, H)
@@ -73,36 +106,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         b = None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, rows_all.numel(), chunk_size):
-            rows = rows_all[start:start + chunk_size]
-            h = hidden.index_select(0, rows).to(dtype)  # (c, H)
-            y = targets.index_select(0, rows).unsqueeze(1)  # (c, 1)
-            z = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()  # (c, V) logits, fp32 as HF
-            tanh = None
-            if scale != 1.0:
-                z.mul_(scale)
-            if softcap is not None:  # Gemma 2/3: cap * tanh(z / cap)
-                tanh = z.div_(softcap).tanh_()
-                z = tanh * softcap
-            picked = z.gather(1, y).squeeze(1)  # (c,) target logits
-            top = z.amax(dim=1, keepdim=True)  # (c, 1)
-            probs = z.sub_(top).exp_()  # (c, V) in place: exp(z - max)
-            norm = probs.sum(dim=1, keepdim=True)  # (c, 1)
-            total += (top.squeeze(1) + norm.log().squeeze(1) - picked).sum(dtype=torch.float64)
-            if not grads:
-                continue
-            dz = probs.div_(norm)  # softmax, then d(CE)/dz = softmax - onehot
-            dz.scatter_add_(1, y, torch.full_like(picked, -1.0).unsqueeze(1))
-            if tanh is not None:
-                dz.mul_(tanh.square_().neg_().add_(1.0))  # d(cap tanh(z/cap))/dz = 1 - tanh^2
-            if scale != 1.0:
-                dz.mul_(scale)
-            if need_b:
-                db += dz.sum(dim=0)
-            g = dz.to(dtype)  # (c, V): the backward matmuls run in the forward's dtype, as autograd's would
-            if need_h:
-                dh.index_copy_(0, rows, (g @ w).to(dh.dtype))
-            if need_w:
-                _addmm_fp32(dw, g.t(), h)
+            # One function call per chunk: its (chunk, V) buffers are freed before the next chunk's exist.
+            total += _chunk(hidden, targets, rows_all[start:start + chunk_size], w, b, scale, softcap, dtype,
+                            dh, dw, db)
         ctx.grads = (dh, dw, db)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total.float()
