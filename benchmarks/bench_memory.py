@@ -41,6 +41,8 @@ between the two lengths divided by the change of S_local, so constant terms drop
 Longest N under ``--mem-cap-mib`` (the per-rank peak RSS above): one warm-up step, then one step
 per probed length, doubling from ``--search-start`` until a length does not fit, then bisection
 (interpolated) until the bracket is within 1/``--search-resolution``; lengths are multiples of 2*C*64.
+``--search-max M`` stops the doubling at M: a length that fits there ends the search with a lower bound
+(e.g. ``--search-start M --search-max M``: does N = M fit?).
 Ring 4 puts 4 processes on this machine's 2 cores: slow, but memory is per rank.
 """
 
@@ -158,9 +160,9 @@ def search(c, world, plain):
         p = probe(n)
         if p <= cap:
             lo = (n, p)
-            if hi is not None:
-                break
-            n *= 2
+            if hi is not None or (c["search_max"] and n >= c["search_max"]):
+                break  # bracketed, or fits at --search-max (reported as "not reached")
+            n = min(2 * n, up(c["search_max"])) if c["search_max"] else 2 * n
         else:
             hi = (n, p)
             if lo is not None or n == gran:
@@ -241,6 +243,8 @@ def main():
     p.add_argument("--search-rings", default="", help="ring sizes to search (empty: no search)")
     p.add_argument("--search-start", type=int, default=1024)
     p.add_argument("--search-resolution", type=float, default=16)
+    p.add_argument("--search-max", type=int, default=0,
+                   help="longest length probed (0: no limit); fitting there ends the search: a lower bound")
     p.add_argument("--gpu-gib", type=float, default=80, help="extrapolation: GPU memory")
     p.add_argument("--reserve-gib", type=float, default=6, help="extrapolation: CUDA context, NCCL, fragmentation")
     p.add_argument("--json", default=None)
@@ -284,7 +288,8 @@ def main():
                     res = _common.spawn(run_rank, ring, dict(base, layers=nl, loss=loss, tiled=tiled, mode="search",
                                                              cap_bytes=args.mem_cap_mib * 2**20,
                                                              search_start=args.search_start,
-                                                             resolution=args.search_resolution))[0]
+                                                             resolution=args.search_resolution,
+                                                             search_max=args.search_max))[0]
                     searches.append(dict(res, layers=nl, ring=ring, loss=loss, tiled=tiled, seconds=time.time() - t0))
     report(args, rows, searches, load_before, t_start)
 
