@@ -41,6 +41,8 @@ between the two lengths divided by the change of S_local, so constant terms drop
 Longest N under ``--mem-cap-mib`` (the per-rank peak RSS above): one warm-up step, then one step
 per probed length, doubling from ``--search-start`` until a length does not fit, then bisection
 (interpolated) until the bracket is within 1/``--search-resolution``; lengths are multiples of 2*C*64.
+``--search-max M`` stops the doubling at M: a length that fits there ends the search with a lower bound
+(e.g. ``--search-start M --search-max M``: does N = M fit?).
 Ring 4 puts 4 processes on this machine's 2 cores: slow, but memory is per rank.
 """
 
@@ -158,9 +160,9 @@ def search(c, world, plain):
         p = probe(n)
         if p <= cap:
             lo = (n, p)
-            if hi is not None:
-                break
-            n *= 2
+            if hi is not None or (c["search_max"] and n >= c["search_max"]):
+                break  # bracketed, or fits at --search-max (reported as "not reached")
+            n = min(2 * n, up(c["search_max"])) if c["search_max"] else 2 * n
         else:
             hi = (n, p)
             if lo is not None or n == gran:
@@ -197,7 +199,13 @@ def llama3_8b_params(layers: int) -> int:
 
 
 def extrapolate(rows, args):
-    """32-layer Llama-3-8B bytes per local token from the measured layer counts; N on one GPU and on eight."""
+    """32-layer Llama-3-8B bytes per local token from the measured layer counts; N on one GPU and on eight.
+
+    Every phase of the step (forward / backward x decoder / LM head + loss) is extrapolated on its own,
+    per token and constant, linearly in the layer count, and the fitting N is the smallest over phases: at
+    the short measured lengths the LM head's phase may peak, while at 32 layers and long N the backward
+    through the decoder (the full stash plus one layer's recompute) can be the one that binds.
+    """
     out = []
     gib = 2**30
     params = llama3_8b_params(32)
@@ -205,23 +213,33 @@ def extrapolate(rows, args):
         rs = sorted((r for r in rows if r["loss"] == loss and r["ring"] == 1 and not r["tiled"]), key=lambda r: r["layers"])
         if len(rs) < 2:
             continue
-        (l1, a), (l2, b) = (rs[0]["layers"], rs[0]["pt"]), (rs[-1]["layers"], rs[-1]["pt"])
-        per_layer = {k: (b[k] - a[k]) / (l2 - l1) for k in ("total", "stash")}
-        at32 = {k: a[k] + (32 - l1) * per_layer[k] for k in ("total", "stash")}
-        last = rs[-1]["rows"][-1]
-        snap = last["torch"]["phases"][b["phase"]]
-        intercept = sum(snap[k] for k in PARTS) - b["total"] * last["s_local"]  # not per token
+        lo, hi = rs[0], rs[-1]
+        phases = {}  # phase -> (per token, of which stash, not per token) at 32 layers
+        for ph in hi["rows"][-1]["torch"]["phases"]:
+            fit = {}
+            for r in (lo, hi):
+                a, b = r["rows"][0], r["rows"][-1]
+                sa, sb = a["torch"]["phases"][ph], b["torch"]["phases"][ph]
+                ds = b["s_local"] - a["s_local"]
+                pt = sum(sb[k] - sa[k] for k in PARTS) / ds
+                fit[r["layers"]] = (pt, (sb["stash"] - sa["stash"]) / ds, sum(sb[k] for k in PARTS) - pt * b["s_local"])
+            (l1, f1), (l2, f2) = (lo["layers"], fit[lo["layers"]]), (hi["layers"], fit[hi["layers"]])
+            phases[ph] = tuple(x + (32 - l1) * (y - x) / (l2 - l1) for x, y in zip(f1, f2))
         for offload in (False, True):
-            bpt = at32["total"] - (at32["stash"] if offload else 0)
-            fits = {}
+            fits, binding = {}, {}
             for ring in (1, 8):
                 # ring 1: bf16 weights + bf16 grads on the GPU, optimizer state offloaded (DeepSpeed's 1-GPU
                 # recipe); ring 8: ZeRO-3 / FSDP over 8 GPUs, 16 bytes/param sharded + 2 gathered bf16 layers.
                 fixed = 4 * params if ring == 1 else 16 * params / ring + 2 * 2 * (llama3_8b_params(1) - llama3_8b_params(0))
-                free = (args.gpu_gib - args.reserve_gib) * gib - fixed - intercept
-                fits[ring] = max(0, int(ring * free / bpt))
-            out.append(dict(loss=loss, offload="yes" if offload else "no", per_layer=per_layer["total"],
-                            stash_layer=per_layer["stash"], b32=bpt, intercept=intercept, n1=fits[1], n8=fits[8]))
+                free = (args.gpu_gib - args.reserve_gib) * gib - fixed
+                per_phase = {ph: max(0, int(ring * (free - max(c, 0.0)) / (pt - (st if offload else 0))))
+                             for ph, (pt, st, c) in phases.items()}
+                binding[ring] = min(per_phase, key=per_phase.get)
+                fits[ring] = per_phase[binding[ring]]
+            ph = binding[1]
+            pt, st, c = phases[ph]
+            out.append(dict(loss=loss, offload="yes" if offload else "no", phase=ph, b32=pt - (st if offload else 0),
+                            stash32=st, intercept=max(c, 0.0), n1=fits[1], n8=fits[8]))
     return out
 
 
@@ -241,6 +259,8 @@ def main():
     p.add_argument("--search-rings", default="", help="ring sizes to search (empty: no search)")
     p.add_argument("--search-start", type=int, default=1024)
     p.add_argument("--search-resolution", type=float, default=16)
+    p.add_argument("--search-max", type=int, default=0,
+                   help="longest length probed (0: no limit); fitting there ends the search: a lower bound")
     p.add_argument("--gpu-gib", type=float, default=80, help="extrapolation: GPU memory")
     p.add_argument("--reserve-gib", type=float, default=6, help="extrapolation: CUDA context, NCCL, fragmentation")
     p.add_argument("--json", default=None)
@@ -284,7 +304,8 @@ def main():
                     res = _common.spawn(run_rank, ring, dict(base, layers=nl, loss=loss, tiled=tiled, mode="search",
                                                              cap_bytes=args.mem_cap_mib * 2**20,
                                                              search_start=args.search_start,
-                                                             resolution=args.search_resolution))[0]
+                                                             resolution=args.search_resolution,
+                                                             search_max=args.search_max))[0]
                     searches.append(dict(res, layers=nl, ring=ring, loss=loss, tiled=tiled, seconds=time.time() - t0))
     report(args, rows, searches, load_before, t_start)
 
@@ -340,10 +361,10 @@ def report(args, rows, searches, load_before, t_start):
         print(f"\nLlama-3-8B, 32 layers, extrapolated from {args.layers} layers (bf16 activations as measured here); "
               f"{args.gpu_gib:g} GiB GPU, {args.reserve_gib:g} GiB reserved; ring 1: bf16 weights + grads on the "
               "GPU, optimizer state off it; ring 8: 16 bytes/param sharded over 8 (ZeRO-3/FSDP)")
-        print(_common.markdown_table([dict(e, pl=kib(e["per_layer"]), sl=kib(e["stash_layer"]), b=kib(e["b32"]),
+        print(_common.markdown_table([dict(e, sl=kib(e["stash32"]), b=kib(e["b32"]),
                                            c=f"{e['intercept'] / 2**30:.1f}", loss=loss_name[e["loss"]]) for e in ext],
-                                     [("loss", "loss"), ("offload", "stash offloaded"), ("pl", "KiB/token per layer"),
-                                      ("sl", "of which stash"), ("b", "KiB/token, 32 layers"),
+                                     [("loss", "loss"), ("offload", "stash offloaded"), ("phase", "binding phase"),
+                                      ("b", "KiB/token, 32 layers"), ("sl", "stash KiB/token"),
                                       ("c", "not per token (GiB)"), ("n1", "N on 1 GPU"), ("n8", "N on 8 GPUs, ring 8")]))
     if args.json:
         with open(args.json, "w") as f:
