@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command, on a fresh machine: install the package with its test and demo extras, then
-# run pytest (CPU, several gloo processes; about 4 minutes on 2 cores, plus installs).
+# run pytest (CPU, several gloo processes; about 8 minutes on 2 cores, plus installs).
 #   bash scripts/test.sh                  (the default suite: -m "not slow", from pyproject.toml)
 #   bash scripts/test.sh -m slow          (the slow cases)
 #   bash scripts/test.sh tests/test_plan.py -k window   (any pytest arguments)
